@@ -1,0 +1,73 @@
+# Every target that needs the virtual environment creates it first, so on a fresh machine
+# `make train` and `make test` are each one command.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Where the embedded defaults live: shards, checkpoints, the MLflow store (absolute path).
+export CYCLEGAN_HOME ?= $(CURDIR)/runs
+# A local Ray started by these targets runs without token auth (see README, "Ray jobs").
+export RAY_AUTH_MODE ?= disabled
+RAY_PORT ?= 6390
+DASHBOARD_PORT ?= 8265
+UI_PORT ?= 5000
+ARGS ?=
+
+.PHONY: setup test test-fast lint format train data ui ray-up-local ray-down-local submit-demo clean help
+
+help:
+	@echo "make setup          create $(VENV) and install the project with its test tools"
+	@echo "make train          train the demo preset on the built-in scenes data (ARGS='...' adds flags)"
+	@echo "make test           run the whole test suite"
+	@echo "make lint           ruff lint + format check"
+	@echo "make ui             MLflow UI on the local store, http://127.0.0.1:$(UI_PORT)"
+	@echo "make ray-up-local   start a local Ray head for 'ray job submit'"
+	@echo "make submit-demo    submit the demo training as a Ray job to the local head"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not integration"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+data: setup
+	@test -f $(CYCLEGAN_HOME)/data/scenes/manifest.json || \
+		$(PY) -m pipeline.synth scenes $(CYCLEGAN_HOME)/data/scenes
+
+train: data
+	$(PY) -m pipeline.train --preset demo $(ARGS)
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CYCLEGAN_HOME)/mlflow.db \
+		--default-artifact-root $(CYCLEGAN_HOME)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
+
+ray-up-local: setup
+	$(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
+		--dashboard-port $(DASHBOARD_PORT) --include-dashboard true
+
+ray-down-local: setup
+	$(VENV)/bin/ray stop
+
+submit-demo: data
+	$(VENV)/bin/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
+		--runtime-env-json '{"env_vars": {"CYCLEGAN_HOME": "$(CYCLEGAN_HOME)", "RAY_AUTH_MODE": "$(RAY_AUTH_MODE)"}}' \
+		-- python -m pipeline.train --preset demo $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

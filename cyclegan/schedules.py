@@ -1,0 +1,26 @@
+"""The learning-rate schedule: constant for ``n_epochs``, then linear decay over ``n_epochs_decay``."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from cyclegan.config import OptimConfig
+
+
+def lr_factor(epoch: int, cfg: OptimConfig) -> float:
+    """Multiplier of the initial lr during 0-based ``epoch`` (the official repo's formula).
+
+    1.0 for the first ``n_epochs`` epochs, then falling by ``1 / (n_epochs_decay + 1)`` per epoch.
+    """
+    return 1.0 - max(0, epoch + 1 - cfg.n_epochs) / float(cfg.n_epochs_decay + 1)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
+    """A scheduler stepped once per epoch; its ``state_dict`` holds only plain numbers."""
+    n_epochs, n_decay = cfg.n_epochs, cfg.n_epochs_decay
+
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_decay + 1)
+
+    return LambdaLR(optimizer, factor)
