@@ -32,9 +32,13 @@ def restore_rng(state: dict) -> None:
 
 
 def _cpu(tree):
-    """A copy of a state tree with every tensor on the CPU (checkpoints load anywhere)."""
+    """A copy of a state tree with every tensor on the CPU (checkpoints load anywhere).
+
+    Tensors are always copied: ``.cpu()`` of a CPU tensor would alias the live weights and
+    optimizer moments, and the checkpoint would change as training goes on.
+    """
     if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
+        return tree.detach().to("cpu", copy=True)
     if isinstance(tree, dict):
         return {k: _cpu(v) for k, v in tree.items()}
     if isinstance(tree, list | tuple):

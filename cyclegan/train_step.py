@@ -109,13 +109,15 @@ def train_step(
     cfg: LossConfig,
     autocast_dtype: torch.dtype | None = None,
     fuse_calls: bool = True,
+    skip_nonfinite: bool = False,
 ) -> dict[str, float]:
     """Update both generators, then both discriminators, on one (A, B) batch.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward passes under autocast; losses
     are computed in fp32. ``fuse_calls`` batches a generator's two inputs into one call, which is
     exact for instance norm (per-sample statistics) and must be off for batch norm.
-    Returns the losses as floats, keyed by ``LOSS_NAMES``.
+    ``skip_nonfinite`` leaves the weights of an update whose loss is NaN/Inf untouched (at the
+    cost of one host sync per update). Returns the losses as floats, keyed by ``LOSS_NAMES``.
     """
     device_type = real_A.device.type
     autocast = (
@@ -154,6 +156,23 @@ def train_step(
         + loss_idt_B
     )
     opts.G.zero_grad(set_to_none=True)
+    if skip_nonfinite and not torch.isfinite(loss_G):
+        # Skip the whole iteration: non-finite fakes must not enter the pools either.
+        _set_requires_grad((nets.D_A, nets.D_B), True)
+        nan = torch.full((), float("nan"), device=real_A.device)
+        return _as_floats(
+            [
+                loss_G_A,
+                loss_G_B,
+                loss_cycle_A,
+                loss_cycle_B,
+                loss_idt_A,
+                loss_idt_B,
+                loss_G,
+                nan,
+                nan,
+            ]
+        )
     loss_G.backward()
     opts.G.step()
 
@@ -176,10 +195,12 @@ def train_step(
         gan_loss(real_pred_B, True, mode, True) + gan_loss(fake_pred_B, False, mode, True)
     )
     opts.D.zero_grad(set_to_none=True)
-    (loss_D_A + loss_D_B).backward()
-    opts.D.step()
+    loss_D = loss_D_A + loss_D_B
+    if not (skip_nonfinite and not torch.isfinite(loss_D)):
+        loss_D.backward()
+        opts.D.step()
 
-    values = torch.stack(
+    return _as_floats(
         [
             loss_G_A,
             loss_G_B,
@@ -191,9 +212,13 @@ def train_step(
             loss_D_A,
             loss_D_B,
         ]
-    ).detach()
+    )
+
+
+def _as_floats(losses: list[torch.Tensor]) -> dict[str, float]:
     # One device-to-host copy for all losses.
-    return dict(zip(LOSS_NAMES, values.float().cpu().tolist(), strict=True))
+    values = torch.stack([x.detach().float() for x in losses]).cpu().tolist()
+    return dict(zip(LOSS_NAMES, values, strict=True))
 
 
 @torch.no_grad()

@@ -1,0 +1,88 @@
+"""Image preprocessing: a deterministic resize (run where images are decoded) and a seeded
+random crop + flip (run on the training worker, per image), as in the paper's data pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cyclegan.config import AugmentConfig
+
+
+def resize_for_load(img: Image.Image, cfg: AugmentConfig) -> Image.Image:
+    """The deterministic part of preprocessing (bicubic resize; no randomness)."""
+    if cfg.preprocess == "resize_and_crop":
+        return img.resize((cfg.load_size, cfg.load_size), Image.BICUBIC)
+    if cfg.preprocess == "scale_width_and_crop":
+        w, h = img.size
+        # Width becomes load_size; height keeps the aspect ratio but never drops below the crop.
+        new_h = int(max(cfg.load_size * h / w, cfg.crop_size))
+        if (w, h) == (cfg.load_size, new_h):
+            return img
+        return img.resize((cfg.load_size, new_h), Image.BICUBIC)
+    return img  # crop, none
+
+
+def eval_view(img: Image.Image, cfg: AugmentConfig) -> Image.Image:
+    """A fixed, whole-image view at the training resolution (for samples and evaluation)."""
+    if cfg.preprocess == "none":
+        return img
+    return img.resize((cfg.crop_size, cfg.crop_size), Image.BICUBIC)
+
+
+def crop_params(n: int, seed: tuple[int, ...]) -> np.ndarray:
+    """``n`` rows of (top fraction, left fraction, flip draw) in [0, 1), from one seed tuple."""
+    return np.random.default_rng(list(seed)).random((n, 3))
+
+
+def random_crop_flip(
+    images: list[np.ndarray] | np.ndarray, params: np.ndarray, cfg: AugmentConfig
+) -> torch.Tensor:
+    """Crop each HxWx3 uint8 image to ``crop_size`` at the offsets in ``params`` (from
+    ``crop_params``), flip it when its draw is < 0.5 and ``cfg.flip``; returns NHWC uint8."""
+    out = []
+    for img, (top_f, left_f, flip_f) in zip(images, params, strict=True):
+        if cfg.preprocess != "none":
+            h, w = img.shape[:2]
+            c = cfg.crop_size
+            if h < c or w < c:
+                raise ValueError(
+                    f"data.crop_size: crop {c} is larger than an image of {w}x{h} "
+                    f"(preprocess {cfg.preprocess}, load_size {cfg.load_size})"
+                )
+            top, left = int(top_f * (h - c + 1)), int(left_f * (w - c + 1))
+            img = img[top : top + c, left : left + c]
+        if cfg.flip and flip_f < 0.5:
+            img = img[:, ::-1]
+        out.append(np.ascontiguousarray(img))
+    shapes = {im.shape for im in out}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"data.preprocess: images of different sizes {sorted(shapes)} in one batch; "
+            "use a cropping preprocess or data.batch_size=1"
+        )
+    return torch.from_numpy(np.stack(out))
+
+
+def to_input(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """NHWC uint8 -> NCHW float in [-1, 1] (on the batch's device)."""
+    x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """NCHW in [-1, 1] -> NHWC uint8 on the CPU."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu()
+
+
+def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Tile rows of NCHW [-1, 1] images (each row one list entry) into one HxWx3 uint8 array."""
+    tiles = [to_uint8(r) for r in rows]  # each N x H x W x 3
+    lines = [torch.cat(list(t), dim=1) for t in tiles]  # each H x (N*W) x 3
+    width = max(line.shape[1] for line in lines)
+    lines = [torch.nn.functional.pad(line, (0, 0, 0, width - line.shape[1])) for line in lines]
+    return torch.cat(lines, dim=0).numpy()

@@ -1,0 +1,341 @@
+"""The one typed config tree of a training run, its presets, and its file/CLI overrides.
+
+A config is built from a preset function (``demo()``, ``paper()``, ...), then a config file
+(YAML or JSON, the same tree), then ``--set section.field=value`` overrides, then the CLI's
+first-class flags. Every section validates itself when built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cyclegan.config import AugmentConfig, LossConfig, ModelConfig, OptimConfig, _check
+
+
+def home() -> str:
+    """Where the embedded defaults live (absolute): ``$CYCLEGAN_HOME`` or ``./runs``."""
+    return os.path.abspath(os.environ.get("CYCLEGAN_HOME", "runs"))
+
+
+@dataclass
+class DataConfig(AugmentConfig):
+    """Where the shards are and how batches are formed (plus the preprocessing fields)."""
+
+    uri: str = ""
+    """Dataset root written by pipeline.prepare / pipeline.synth (empty: the built-in scenes)."""
+    batch_size: int = 1
+    """Images per domain per worker per step (the paper uses 1)."""
+    shuffle_buffer: int = 64
+    """Rows of the local shuffle buffer on each worker (0 disables it)."""
+    num_samples: int = 4
+    """Held-out test images per domain shown in the sample grids."""
+    deterministic: bool = True
+    """Keep Ray Data's row order so a seed reproduces the batches (1 worker)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
+
+    def resolved_uri(self) -> str:
+        return self.uri or os.path.join(home(), "data", "scenes")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, seeds, intervals, numerics."""
+
+    max_steps: int = 0
+    """Stop after this many steps (0: run all epochs of optim.n_epochs + n_epochs_decay)."""
+    seed: int = 0
+    """Seed of weights, pools, augmentation and shuffling."""
+    log_every: int = 50
+    """Steps between metric logs."""
+    sample_every: int = 500
+    """Steps between sample grids."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (one is also written at each epoch end)."""
+    num_to_keep: int = 3
+    """Checkpoints kept by Ray Train (older ones are deleted)."""
+    precision: str = "auto"
+    """fp32, bf16 (autocast) or auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16)."""
+    channels_last: bool = False
+    """Run the nets in channels_last memory format."""
+    compile: bool = False
+    """Wrap the nets in torch.compile."""
+    on_nonfinite: str = "stop"
+    """What a NaN/Inf loss does: stop (the run fails naming the step) or skip (step discarded)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        for name in ("log_every", "sample_every", "checkpoint_every", "num_to_keep"):
+            _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _check(
+            self.precision in ("auto", "fp32", "bf16"), "train.precision", "use auto, fp32 or bf16"
+        )
+        _check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "use stop or skip")
+
+
+@dataclass
+class ScalingConfig:
+    """How many Ray Train workers and what each one gets."""
+
+    num_workers: int = 1
+    """Training workers (DDP ranks); each gets one GPU when use_gpu."""
+    use_gpu: bool | None = None
+    """Train on GPUs (None: when the cluster has them)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker; the rest of the cluster decodes data."""
+    max_failures: int = 2
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    address: str = ""
+    """Ray cluster address (empty: $RAY_ADDRESS, else a local Ray started in-process)."""
+    placement_timeout_s: float = 300.0
+    """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+        _check(self.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1: unlimited)")
+
+
+@dataclass
+class StorageConfig:
+    """Where Ray Train keeps the run folders and their checkpoints."""
+
+    uri: str = ""
+    """Local folder or s3:// / gs:// URI (empty: $CYCLEGAN_HOME/checkpoints)."""
+    name: str = ""
+    """Run name (empty: a new unique name)."""
+    resume: bool = False
+    """Continue the run called `name` from its latest checkpoint."""
+
+    def resolved_uri(self) -> str:
+        return self.uri or os.path.join(home(), "checkpoints")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str = ""
+    """Tracking URI (empty: $MLFLOW_TRACKING_URI, else SQLite in $CYCLEGAN_HOME/mlflow.db)."""
+    experiment: str = "cyclegan"
+    """MLflow experiment name."""
+    register: str = ""
+    """Register the final generators under this model name (empty: do not register)."""
+    system_metrics: bool = True
+    """Log CPU/memory/GPU use of the driver and rank 0."""
+    log_model: bool = True
+    """Log the final generators as an MLflow model."""
+
+    def resolved_uri(self) -> str:
+        return (
+            self.uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or ("sqlite:///" + os.path.join(home(), "mlflow.db"))
+        )
+
+    def artifact_root(self) -> str:
+        return os.path.join(home(), "mlartifacts")
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    preset: str = "paper"
+    """Name of the preset this config started from."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# presets
+
+
+def paper() -> Config:
+    """The paper's 256 px settings: 9 blocks, ngf/ndf 64, lsgan, lambda 10, pool 50, 100+100 epochs."""
+    return Config(preset="paper")
+
+
+def paper128() -> Config:
+    """The paper's 128 px (Cityscapes-style) settings: 6 residual blocks."""
+    cfg = Config(preset="paper128")
+    cfg.model.n_blocks = 6
+    cfg.data = DataConfig(load_size=143, crop_size=128)
+    return cfg
+
+
+def demo() -> Config:
+    """The built-in scenes at 64 px with a small generator: a few minutes on a laptop CPU."""
+    return Config(
+        model=ModelConfig(ngf=32, ndf=32, n_blocks=6),
+        optim=OptimConfig(n_epochs=3, n_epochs_decay=2),
+        data=DataConfig(load_size=72, crop_size=64, batch_size=1, num_samples=4),
+        train=TrainConfig(log_every=25, sample_every=250, checkpoint_every=500),
+        preset="demo",
+    )
+
+
+def tiny() -> Config:
+    """A few seconds of training at 32 px: for tests and smoke runs."""
+    return Config(
+        model=ModelConfig(ngf=8, ndf=8, n_blocks=1, n_layers_D=2),
+        optim=OptimConfig(n_epochs=1, n_epochs_decay=1),
+        data=DataConfig(load_size=36, crop_size=32, shuffle_buffer=8, num_samples=2),
+        train=TrainConfig(log_every=2, sample_every=4, checkpoint_every=5, precision="fp32"),
+        tracking=TrackingConfig(system_metrics=False),
+        preset="tiny",
+    )
+
+
+PRESETS = {"demo": demo, "paper": paper, "paper128": paper128, "tiny": tiny}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# building from dicts, files and overrides
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, tp, where: str):
+    """``value`` as type ``tp`` (bool, int, float, str, or one of those or None)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
+            return None
+        tp = args[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    raise TypeError(f"{where}: unsupported field type {tp}")
+
+
+def _section_dict(section, values: dict, name: str):
+    """A copy of dataclass instance ``section`` with ``values`` applied, validated."""
+    types_ = _field_types(type(section))
+    current = dataclasses.asdict(section)
+    for key, value in values.items():
+        if key not in types_:
+            raise ValueError(
+                f"unknown key {name}.{key}; valid keys of {name}: {', '.join(sorted(types_))}"
+            )
+        current[key] = _coerce(value, types_[key], f"{name}.{key}")
+    return type(section)(**current)
+
+
+def merge(cfg: Config, tree: dict) -> Config:
+    """``cfg`` with the nested dict ``tree`` applied (unknown sections/keys raise)."""
+    sections = {f.name for f in dataclasses.fields(Config) if f.name != "preset"}
+    out = dataclasses.replace(cfg)
+    for name, values in tree.items():
+        if name == "preset":
+            continue
+        if name not in sections:
+            raise ValueError(
+                f"unknown config section {name!r}; valid sections: {', '.join(sorted(sections))}"
+            )
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"config section {name!r} must be a mapping, got {type(values).__name__}"
+            )
+        setattr(out, name, _section_dict(getattr(out, name), values, name))
+    return out
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a config from ``to_dict()`` output (its preset first, then every value)."""
+    return merge(preset(tree.get("preset", "paper")), tree)
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """A YAML or JSON config file as a nested dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(
+            f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"
+        ) from exc
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path}: top level must be a mapping of sections")
+    return tree
+
+
+def parse_override(text: str) -> dict:
+    """``"section.field=value"`` as ``{"section": {"field": value}}`` (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ValueError(f"--set {text!r}: expected section.field=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return {section: {name: value}}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,255 @@
+"""Reading unpaired shards with Ray Data and iterating them in lockstep inside a Train worker.
+
+Division of work: Ray Data tasks (on any CPU of the cluster) decode and resize; the training
+worker does only the cheap, seeded part (random crop + flip per image, uint8 -> float), so the
+randomness depends on (seed, domain, pass, rank) alone and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from cyclegan.config import AugmentConfig
+from cyclegan.transforms import crop_params, eval_view, random_crop_flip, resize_for_load
+from pipeline.images import BadImage, decode_image
+from pipeline.shards import Manifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+DOMAINS = ("A", "B")
+
+
+def train_name(domain: str) -> str:
+    return f"train{domain}"
+
+
+def read_columns(
+    manifest: Manifest, name: str, columns: list[str], limit: int | None = None
+) -> pa.Table:
+    """Some columns of a dataset's shards, read directly with pyarrow (first ``limit`` rows)."""
+    tables, rows = [], 0
+    for path in manifest.shard_paths(name):
+        table = pq.read_table(path, columns=columns, filesystem=manifest.filesystem)
+        tables.append(table)
+        rows += table.num_rows
+        if limit is not None and rows >= limit:
+            break
+    table = pa.concat_tables(tables)
+    return table.slice(0, limit) if limit is not None else table
+
+
+def check_dataset(manifest: Manifest, cfg: AugmentConfig) -> dict[str, int]:
+    """Image counts of trainA/trainB; raises naming the dataset when one is missing or empty,
+    or when the crop does not fit the stored images."""
+    counts = {}
+    for domain in DOMAINS:
+        name = train_name(domain)
+        if name not in manifest.datasets:
+            raise ValueError(
+                f"dataset {manifest.root}: no {name} (has {', '.join(sorted(manifest.datasets))})"
+            )
+        counts[domain] = manifest.count(name)
+        if counts[domain] == 0:
+            raise ValueError(f"dataset {manifest.root}: {name} has zero images")
+        if cfg.preprocess in ("crop", "none"):
+            table = read_columns(manifest, name, ["width", "height"])
+            smallest = min(pc.min(table["width"]).as_py(), pc.min(table["height"]).as_py())
+            if cfg.preprocess == "crop" and smallest < cfg.crop_size:
+                raise ValueError(
+                    f"data.crop_size: {cfg.crop_size} is larger than the smallest side "
+                    f"({smallest} px) of the images in {manifest.root}/{name}"
+                )
+    return counts
+
+
+def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dict[str, np.ndarray]:
+    """Ray Data UDF: encoded bytes -> resized HxWx3 uint8 arrays. A row that fails to decode is
+    dropped with a warning naming its key, never crashing the task."""
+    images, keys = [], []
+    for key, data in zip(batch["key"], batch["image"], strict=True):
+        try:
+            img = resize_for_load(decode_image(bytes(data), str(key)), cfg)
+        except BadImage as exc:
+            log.warning("skipping unreadable image %s: %s", key, exc.reason)
+            continue
+        images.append(np.asarray(img, dtype=np.uint8))
+        keys.append(str(key))
+    if images and len({im.shape for im in images}) == 1:
+        stacked = np.stack(images)
+    else:
+        stacked = np.empty(len(images), dtype=object)
+        stacked[:] = images
+    return {"key": np.array(keys, dtype=object), "image": stacked}
+
+
+def domain_dataset(
+    manifest: Manifest, domain: str, cfg: AugmentConfig, seed: int
+) -> ray.data.Dataset:
+    """A streaming Ray Dataset of one domain's training images, decoded and resized."""
+    name = train_name(domain)
+    ds = ray.data.read_parquet(
+        manifest.shard_paths(name),
+        filesystem=manifest.filesystem,
+        columns=["key", "image"],
+        num_cpus=0.25,
+    )
+    ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(
+        decode_resize_batch,
+        fn_kwargs={"cfg": cfg},
+        batch_format="numpy",
+        batch_size=16,
+        num_cpus=0.5,
+    )
+
+
+def build_datasets(data_uri: str, cfg: AugmentConfig, seed: int) -> tuple[dict, dict[str, int]]:
+    """``({"A": ds, "B": ds}, {"A": count, "B": count})`` for TorchTrainer(datasets=...)."""
+    manifest = read_manifest(data_uri)
+    counts = check_dataset(manifest, cfg)
+    datasets = {d: domain_dataset(manifest, d, cfg, seed + i) for i, d in enumerate(DOMAINS)}
+    return datasets, counts
+
+
+@dataclass
+class Plan:
+    """How many rows each rank sees per pass and how many steps an epoch has."""
+
+    rows_per_rank: dict[str, int]
+    steps_per_epoch: int
+    batch_size: int
+
+    @classmethod
+    def make(cls, counts: dict[str, int], world_size: int, batch_size: int) -> Plan:
+        # streaming_split(equal=True) gives every rank floor(N / world) rows of a domain.
+        rows = {d: max(1, n // world_size) for d, n in counts.items()}
+        return cls(rows, math.ceil(max(rows.values()) / batch_size), batch_size)
+
+
+class DomainStream:
+    """An endless stream of augmented batches of one domain on one rank.
+
+    Passes over the shard follow each other; rows of a batch may span two passes. Pass ``p`` is
+    shuffled with a seed of (seed, domain, p, rank) and its crops/flips drawn from the same seed,
+    so starting at any step reproduces the batches from there on (``start_row``).
+    """
+
+    def __init__(
+        self,
+        shard,
+        domain: str,
+        rows_per_pass: int,
+        cfg: AugmentConfig,
+        seed: int,
+        rank: int,
+        shuffle_buffer: int,
+        start_row: int = 0,
+    ):
+        self.shard, self.domain, self.n, self.cfg = shard, domain, rows_per_pass, cfg
+        self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
+        self.pass_index, self.offset = divmod(start_row, rows_per_pass)
+        self._rows = self._pass_rows(self.pass_index, skip=self.offset)
+
+    def _pass_rows(self, pass_index: int, skip: int) -> Iterator[tuple[str, torch.Tensor]]:
+        key = (self.seed, DOMAINS.index(self.domain), pass_index, self.rank)
+        params = crop_params(self.n, key)
+        batches = self.shard.iter_batches(
+            batch_size=16,
+            batch_format="numpy",
+            prefetch_batches=4,
+            local_shuffle_buffer_size=self.shuffle_buffer or None,
+            local_shuffle_seed=hash(key) % (2**31) if self.shuffle_buffer else None,
+        )
+        i = 0
+        for batch in batches:
+            images, keys = batch["image"], batch["key"]
+            for j in range(len(images)):
+                if i >= self.n:
+                    return  # equal split: a rank never sees more than n rows per pass
+                if i >= skip:
+                    yield (
+                        str(keys[j]),
+                        random_crop_flip([images[j]], params[i : i + 1], self.cfg)[0],
+                    )
+                i += 1
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """The next ``batch_size`` rows as NHWC uint8; their keys are in ``last_keys``."""
+        rows, keys = [], []
+        while len(rows) < batch_size:
+            row = next(self._rows, None)
+            if row is None:  # pass over: start the next one
+                self.pass_index += 1
+                self._rows = self._pass_rows(self.pass_index, skip=0)
+                continue
+            keys.append(row[0])
+            rows.append(row[1])
+        self.last_keys = keys
+        return torch.stack(rows)
+
+
+class UnpairedBatches:
+    """Lockstep (A, B) uint8 NHWC batches on one rank: ``steps_per_epoch`` per epoch, the
+    same on every rank, the smaller domain cycling. Starts at ``start_step`` (resume)."""
+
+    def __init__(
+        self,
+        shards: dict,
+        counts: dict[str, int],
+        cfg,
+        world_size: int,
+        rank: int,
+        seed: int,
+        start_step: int = 0,
+    ):
+        self.plan = Plan.make(counts, world_size, cfg.batch_size)
+        start_row = start_step * cfg.batch_size
+        self.streams = {
+            d: DomainStream(
+                shards[d],
+                d,
+                self.plan.rows_per_rank[d],
+                cfg,
+                seed,
+                rank,
+                cfg.shuffle_buffer,
+                start_row,
+            )
+            for d in DOMAINS
+        }
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.plan.batch_size
+        return self.streams["A"].next_batch(b), self.streams["B"].next_batch(b)
+
+
+def load_samples(data_uri: str, cfg: AugmentConfig, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` held-out images of each domain (testA/testB, else trainA/trainB),
+    as NHWC uint8 at the training resolution: the fixed inputs of the sample grids."""
+    manifest = read_manifest(data_uri)
+    out = {}
+    for domain in DOMAINS:
+        name = f"test{domain}" if f"test{domain}" in manifest.datasets else train_name(domain)
+        table = read_columns(manifest, name, ["key", "image"], limit=count * 4)
+        images = []
+        for key, data in zip(table["key"].to_pylist(), table["image"].to_pylist(), strict=True):
+            try:
+                images.append(np.asarray(eval_view(decode_image(data, key), cfg), dtype=np.uint8))
+            except BadImage:
+                continue
+            if len(images) == count:
+                break
+        if not images:
+            raise ValueError(f"dataset {data_uri}: no readable images in {name} for samples")
+        out[domain] = torch.from_numpy(np.stack(images))
+    return out

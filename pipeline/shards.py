@@ -1,0 +1,400 @@
+"""The shard format: images as Parquet shards under a dataset root, described by a manifest.
+
+Layout of a dataset root (local folder or ``s3://``/``gs://`` URI)::
+
+    ROOT/manifest.json              written last, in one atomic step
+    ROOT/trainA/part-00000.parquet  one folder per domain/split: trainA, trainB, testA, testB
+    ROOT/trainA/part-00001.parquet
+    ...
+
+Parquet columns: ``key`` (string, the image's relative POSIX path inside its domain folder),
+``image`` (binary, encoded bytes), ``width`` and ``height`` (int32), ``format`` (string, e.g.
+``JPEG``, ``PNG``).
+
+``manifest.json``::
+
+    {"format_version": 1, "created_at": "2026-11-28T14:31:00Z", "source": "...",
+     "paired_test": false,
+     "datasets": {"trainA": {"count": 1000, "bytes": 12345678,
+                             "shards": ["trainA/part-00000.parquet", ...],
+                             "skipped": [{"key": "x.jpg", "reason": "..."}]}, ...}}
+
+``bytes`` is the total size of the encoded images. Only datasets that exist appear. A root
+without a manifest is not a dataset, so an interrupted write never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATASET_NAMES = ("trainA", "trainB", "testA", "testB")
+DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
+# Row groups are the unit a streaming reader fetches; a few MiB keeps reader memory flat.
+ROW_GROUP_BYTES = 8 * 1024 * 1024
+SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+    ]
+)
+
+
+class DatasetError(RuntimeError):
+    """A dataset root that cannot be read or written as asked; the message names the root."""
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index``: ``part-00000.parquet``, ``part-00001.parquet``, ..."""
+    return f"part-{index:05d}.parquet"
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASET_NAMES:
+        raise ValueError(f"dataset name {name!r} is not one of {', '.join(DATASET_NAMES)}")
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"key {key!r} is not a relative POSIX path")
+
+
+class ShardWriter:
+    """Writes one dataset (e.g. ``trainA``) of a root as Parquet shards.
+
+    Use as a context manager; :meth:`add` appends an image, :meth:`skip` records a rejected
+    one, and closing returns the dataset's manifest entry. A new shard starts once the current
+    one holds ``shard_bytes`` of image data. Leaving the block with an exception deletes the
+    shards written so far.
+    """
+
+    def __init__(self, root_uri: str, name: str, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        _check_name(name)
+        if shard_bytes <= 0:
+            raise ValueError(f"shard_bytes: must be positive, got {shard_bytes}")
+        self.root_uri = root_uri
+        self.name = name
+        self.shard_bytes = shard_bytes
+        self.filesystem, self._base = storage.resolve(root_uri)
+        self._row_group_bytes = min(shard_bytes, ROW_GROUP_BYTES)
+        self._keys: set[str] = set()
+        self._skipped: list[dict[str, str]] = []
+        self._shards: list[str] = []
+        self._rows: dict[str, list] = {field.name: [] for field in SCHEMA}
+        self._buffered_bytes = 0
+        self._shard_bytes_written = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._count = 0
+        self._bytes = 0
+        self._entry: dict | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def written(self) -> list[str]:
+        """Full paths (for :attr:`filesystem`) of the shards written so far."""
+        return [posixpath.join(self._base, rel) for rel in self._shards]
+
+    def add(self, key: str, image_bytes: bytes, width: int, height: int, fmt: str) -> None:
+        """Append one encoded image under ``key`` (unique within the dataset)."""
+        if self._entry is not None:
+            raise RuntimeError(f"{self._uri()}: add() after close()")
+        _check_key(key)
+        if key in self._keys:
+            raise ValueError(f"{self._uri()}: duplicate key {key!r}")
+        size = len(image_bytes)
+        if self._writer is not None and self._shard_bytes_written + size > self.shard_bytes:
+            self._finish_shard()
+        self._keys.add(key)
+        for column, value in zip(SCHEMA.names, (key, image_bytes, width, height, fmt), strict=True):
+            self._rows[column].append(value)
+        self._buffered_bytes += size
+        self._shard_bytes_written += size
+        self._count += 1
+        self._bytes += size
+        if self._writer is None:
+            self._open_shard()
+        if self._buffered_bytes >= self._row_group_bytes:
+            self._flush()
+
+    def skip(self, key: str, reason: str) -> None:
+        """Record that ``key`` was left out and why (listed in the manifest)."""
+        self._skipped.append({"key": key, "reason": reason})
+
+    def close(self) -> dict:
+        """Finish the last shard and return the manifest entry of this dataset."""
+        if self._entry is None:
+            if self._writer is not None:
+                self._finish_shard()
+            self._entry = {
+                "count": self._count,
+                "bytes": self._bytes,
+                "shards": list(self._shards),
+                "skipped": list(self._skipped),
+            }
+        return self._entry
+
+    def abort(self) -> None:
+        """Stop writing and delete the shards written so far (best effort)."""
+        if self._writer is not None:
+            # The stream may already be broken; the deletion below must still run.
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        delete_files(self.filesystem, self.written)
+        self._shards = []
+
+    def _uri(self) -> str:
+        return storage.join(self.root_uri, self.name)
+
+    def _open_shard(self) -> None:
+        rel = f"{self.name}/{shard_name(len(self._shards))}"
+        path = posixpath.join(self._base, rel)
+        try:
+            if isinstance(self.filesystem, pafs.LocalFileSystem):
+                self.filesystem.create_dir(posixpath.dirname(path), recursive=True)
+            self._writer = pq.ParquetWriter(
+                path,
+                SCHEMA,
+                filesystem=self.filesystem,
+                # Encoded images do not compress further; the small columns do.
+                compression={
+                    "key": "zstd",
+                    "image": "none",
+                    "width": "zstd",
+                    "height": "zstd",
+                    "format": "zstd",
+                },
+                use_dictionary=["format"],
+            )
+        except Exception as exc:
+            raise storage.wrap_error(storage.join(self.root_uri, rel), exc, "open shard") from None
+        self._shards.append(rel)
+
+    def _flush(self) -> None:
+        if not self._rows["key"]:
+            return
+        table = pa.Table.from_pydict(self._rows, schema=SCHEMA)
+        try:
+            self._writer.write_table(table)
+        except Exception as exc:
+            raise storage.wrap_error(self._uri(), exc, "write shard") from None
+        self._rows = {field.name: [] for field in SCHEMA}
+        self._buffered_bytes = 0
+
+    def _finish_shard(self) -> None:
+        self._flush()
+        try:
+            self._writer.close()
+        except Exception as exc:
+            raise storage.wrap_error(self._uri(), exc, "close shard") from None
+        self._writer = None
+        self._shard_bytes_written = 0
+
+
+def delete_files(filesystem: pafs.FileSystem, paths: list[str]) -> None:
+    """Delete ``paths`` where they exist, ignoring failures (used to clean up after errors)."""
+    for path in paths:
+        # Cleanup must never hide the error that triggered it.
+        with contextlib.suppress(Exception):
+            filesystem.delete_file(path)
+
+
+def build_manifest(source: str, datasets: dict[str, dict], paired_test: bool = False) -> dict:
+    """A manifest dict for ``datasets`` (name -> entry from :meth:`ShardWriter.close`)."""
+    for name in datasets:
+        _check_name(name)
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": source,
+        "paired_test": paired_test,
+        "datasets": {name: datasets[name] for name in DATASET_NAMES if name in datasets},
+    }
+
+
+def write_manifest(root_uri: str, manifest: dict) -> str:
+    """Write ``manifest`` as ``ROOT/manifest.json`` in one atomic step; return its URI."""
+    _validate(root_uri, manifest)
+    filesystem, base = storage.resolve(root_uri)
+    data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    uri = storage.join(root_uri, MANIFEST_NAME)
+    try:
+        storage.write_bytes_atomic(filesystem, posixpath.join(base, MANIFEST_NAME), data)
+    except Exception as exc:
+        raise storage.wrap_error(uri, exc, "write manifest") from None
+    return uri
+
+
+def _validate(root_uri: str, manifest: dict) -> None:
+    where = storage.redact(storage.join(root_uri, MANIFEST_NAME))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{where}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}"
+        )
+    datasets = manifest.get("datasets")
+    if not isinstance(datasets, dict):
+        raise DatasetError(f"{where}: 'datasets' is missing or not an object")
+    for name, entry in datasets.items():
+        if name not in DATASET_NAMES:
+            raise DatasetError(f"{where}: unknown dataset {name!r}; expected {DATASET_NAMES}")
+        for field, kind in (("count", int), ("bytes", int), ("shards", list), ("skipped", list)):
+            if not isinstance(entry.get(field), kind):
+                raise DatasetError(f"{where}: datasets.{name}.{field} is missing or not {kind}")
+
+
+@dataclass
+class Manifest:
+    """A dataset root's manifest, with paths ready for :attr:`filesystem`."""
+
+    root: str
+    """The root URI as given."""
+    filesystem: pafs.FileSystem
+    """The filesystem holding the shards (from :func:`pipeline.storage.resolve`)."""
+    base_path: str
+    """The root's path on :attr:`filesystem`."""
+    format_version: int
+    created_at: str
+    source: str
+    paired_test: bool
+    datasets: dict[str, dict]
+    """Dataset name -> entry (``count``, ``bytes``, ``shards``, ``skipped``)."""
+
+    def _entry(self, name: str) -> dict:
+        if name not in self.datasets:
+            valid = ", ".join(self.datasets) or "none"
+            raise DatasetError(
+                f"{storage.redact(self.root)}: no dataset {name!r} in the manifest "
+                f"(it has: {valid})"
+            )
+        return self.datasets[name]
+
+    def count(self, name: str) -> int:
+        """The number of images in dataset ``name``."""
+        return int(self._entry(name)["count"])
+
+    def shard_paths(self, name: str) -> list[str]:
+        """Full paths of dataset ``name``'s shards, usable with :attr:`filesystem`."""
+        return [posixpath.join(self.base_path, rel) for rel in self._entry(name)["shards"]]
+
+    def skipped(self, name: str) -> list[dict]:
+        """The images of dataset ``name`` that were left out, with reasons."""
+        return list(self._entry(name)["skipped"])
+
+
+def read_manifest(root_uri: str, check_shards: bool = True) -> Manifest:
+    """Load ``ROOT/manifest.json``; with ``check_shards``, also check every listed shard exists.
+
+    Raises :class:`DatasetError` (no manifest, bad manifest, missing shards) or
+    :class:`pipeline.storage.StorageError` (storage unreachable, access denied).
+    """
+    filesystem, base = storage.resolve(root_uri)
+    uri = storage.join(root_uri, MANIFEST_NAME)
+    try:
+        with filesystem.open_input_stream(posixpath.join(base, MANIFEST_NAME)) as stream:
+            raw = stream.read()
+    except Exception as exc:
+        error = storage.wrap_error(uri, exc, "read manifest")
+        if error.kind in ("missing", "not_a_directory"):
+            raise DatasetError(
+                f"{storage.redact(root_uri)}: not a dataset root, {MANIFEST_NAME} not found "
+                "(create one with python -m pipeline.prepare or python -m pipeline.synth)"
+            ) from None
+        raise error from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{storage.redact(uri)}: not valid JSON ({exc})") from None
+    _validate(root_uri, manifest)
+    result = Manifest(
+        root=root_uri,
+        filesystem=filesystem,
+        base_path=base,
+        format_version=manifest["format_version"],
+        created_at=manifest.get("created_at", ""),
+        source=manifest.get("source", ""),
+        paired_test=bool(manifest.get("paired_test", False)),
+        datasets=manifest["datasets"],
+    )
+    if check_shards:
+        _check_shards_exist(result)
+    return result
+
+
+def _check_shards_exist(manifest: Manifest) -> None:
+    # One listing per dataset folder instead of one request per shard.
+    for name in manifest.datasets:
+        folder = posixpath.join(manifest.base_path, name)
+        try:
+            listing = manifest.filesystem.get_file_info(
+                pafs.FileSelector(folder, allow_not_found=True)
+            )
+        except Exception as exc:
+            raise storage.wrap_error(
+                storage.join(manifest.root, name), exc, "list shards"
+            ) from None
+        present = {info.path.rstrip("/") for info in listing if info.type == pafs.FileType.File}
+        missing = [p for p in manifest.shard_paths(name) if p not in present]
+        if missing:
+            shown = ", ".join(posixpath.relpath(p, manifest.base_path) for p in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DatasetError(
+                f"{storage.redact(manifest.root)}: the manifest lists shards that do not exist: "
+                f"{shown}{more}"
+            )
+
+
+def clear_root(root_uri: str, overwrite: bool) -> None:
+    """Make ``root_uri`` ready for a new dataset: check it is writable, refuse an existing
+    dataset unless ``overwrite``, and remove an old manifest (first) and old shards."""
+    storage.check_access(root_uri, write=True)
+    filesystem, base = storage.resolve(root_uri)
+    manifest_path = posixpath.join(base, MANIFEST_NAME)
+    try:
+        exists = filesystem.get_file_info(manifest_path).type == pafs.FileType.File
+        if exists and not overwrite:
+            raise DatasetError(
+                f"{storage.redact(root_uri)}: already holds a dataset ({MANIFEST_NAME}); "
+                "pass --overwrite to replace it"
+            )
+        if exists:
+            # The manifest goes first, so a failure below never leaves it naming deleted shards.
+            filesystem.delete_file(manifest_path)
+        for name in DATASET_NAMES:
+            folder = posixpath.join(base, name)
+            listing = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            stale = [
+                info.path
+                for info in listing
+                if info.type == pafs.FileType.File and SHARD_PATTERN.match(info.base_name)
+            ]
+            delete_files(filesystem, stale)
+    except DatasetError:
+        raise
+    except Exception as exc:
+        raise storage.wrap_error(root_uri, exc, "clear old dataset") from None

@@ -1,0 +1,332 @@
+"""Storage URIs: local paths, ``file://``, ``s3://`` and ``gs://``, resolved to pyarrow filesystems.
+
+Every other module goes through :func:`resolve`, so endpoints, regions, credentials and timeouts
+are decided here once. S3-compatible servers (MinIO, moto) are reached through
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; keys come from ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN`` when set, else from pyarrow's default chain.
+
+Secrets never leave this module in text: :class:`StorageError` messages and anything passed
+through :func:`redact` have secret values replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+
+# An unreachable endpoint must fail in seconds: a few short attempts, not the SDK's minutes.
+CONNECT_TIMEOUT_S = 5.0
+# A socket read timeout, not a limit on a whole upload, so large shards still go through.
+REQUEST_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 3
+GCS_RETRY_LIMIT = timedelta(seconds=15)
+
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL_KEY)", re.IGNORECASE)
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)((?:secret[_-]?(?:access[_-]?)?key|session[_-]?token|password|x-amz-security-token)"
+    r"[\"']?\s*[=:]\s*[\"']?)([^\s\"',;&]+)"
+)
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(@)", re.IGNORECASE)
+
+# Substrings of pyarrow/AWS SDK messages, mapped to what the user should fix.
+_ERROR_KINDS = (
+    (
+        "no_bucket",
+        ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist", "not found. To create"),
+    ),
+    (
+        "access_denied",
+        (
+            "ACCESS_DENIED",
+            "AccessDenied",
+            "INVALID_ACCESS_KEY_ID",
+            "SIGNATURE_DOES_NOT_MATCH",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "EXPIRED_TOKEN",
+            "Forbidden",
+            "HTTP 403",
+            "Permission denied",
+            "permission denied",
+        ),
+    ),
+    (
+        "unreachable",
+        (
+            "NETWORK_CONNECTION",
+            "Could not connect",
+            "Couldn't connect",
+            "Could not resolve",
+            "Couldn't resolve",
+            "curlCode",
+            "timed out",
+            "Timeout",
+            "Connection refused",
+            "UNAVAILABLE",
+        ),
+    ),
+    ("not_a_directory", ("Not a directory",)),
+    ("missing", ("No such file", "Path does not exist", "does not exist")),
+)
+
+_HINTS = {
+    "no_bucket": "the bucket does not exist",
+    "access_denied": "access denied: check the credentials (AWS_ACCESS_KEY_ID/"
+    "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) and the permissions on this path",
+    "unreachable": "the storage endpoint cannot be reached: check AWS_ENDPOINT_URL_S3/"
+    "AWS_ENDPOINT_URL and the network",
+    "not_a_directory": "a parent of this path is a regular file, not a directory",
+    "missing": "the path does not exist",
+    "invalid": "not a usable storage URI",
+    "error": "storage error",
+}
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; ``kind`` says why, the message names the URI (never a secret).
+
+    Kinds: ``missing``, ``access_denied``, ``unreachable``, ``no_bucket``, ``not_a_directory``,
+    ``invalid`` (a malformed URI) and ``error`` (anything else).
+    """
+
+    def __init__(self, uri: str, kind: str, detail: str = "") -> None:
+        self.uri = redact(uri)
+        self.kind = kind
+        self.detail = redact(detail)
+        message = f"{self.uri}: {_HINTS.get(kind, kind)}"
+        if detail:
+            message += f" ({self.detail})"
+        super().__init__(message)
+
+
+def _scheme(uri: str) -> str:
+    # A Windows drive letter ("C:\\data") is not a scheme.
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    return match.group(1).lower() if match else ""
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names object storage (``s3://``, ``gs://``) rather than a local path."""
+    return _scheme(uri) in REMOTE_SCHEMES
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended, keeping its form (local path, ``file://``, ``s3://``)."""
+    scheme = _scheme(uri)
+    clean = [p.strip("/") for p in parts if p.strip("/")]
+    if not scheme:
+        return str(Path(uri, *clean))
+    return posixpath.join(uri.rstrip("/") or uri, *clean) if clean else uri
+
+
+def _endpoint(env: dict[str, str]) -> tuple[str | None, str | None]:
+    """(host:port, scheme) of a custom S3 endpoint from the environment, or (None, None)."""
+    url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if not url:
+        return None, None
+    if "://" not in url:
+        return url.rstrip("/"), "https"
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        raise StorageError(url, "invalid", "AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL has no host")
+    return parsed.netloc, parsed.scheme or "https"
+
+
+def s3_filesystem(env: dict[str, str] | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the ``AWS_*`` variables of ``env`` (default: os.environ)."""
+    env = dict(os.environ if env is None else env)
+    endpoint, scheme = _endpoint(env)
+    kwargs: dict = {
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        # Small objects (the manifest) then go up as one PUT instead of a multipart upload.
+        "allow_delayed_open": True,
+    }
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = scheme
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = env["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = env["AWS_SECRET_ACCESS_KEY"]
+        if env.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = env["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def gcs_filesystem(env: dict[str, str] | None = None) -> pafs.GcsFileSystem:
+    """A GCS filesystem; credentials come from Google's default chain."""
+    env = dict(os.environ if env is None else env)
+    kwargs: dict = {"retry_time_limit": GCS_RETRY_LIMIT}
+    emulator = env.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme, anonymous=True)
+    return pafs.GcsFileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``uri`` and the path to use with it.
+
+    Local paths and ``file://`` give an absolute local path; ``s3://bucket/prefix`` and
+    ``gs://bucket/prefix`` give ``bucket/prefix``.
+    """
+    uri = str(uri)
+    scheme = _scheme(uri)
+    if not scheme:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    parsed = urlparse(uri)
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(uri, "invalid", "file:// URIs must name a local absolute path")
+        return pafs.LocalFileSystem(), os.path.abspath(parsed.path)
+    if scheme in REMOTE_SCHEMES:
+        if not parsed.netloc:
+            raise StorageError(
+                uri, "invalid", f"no bucket in the URI; expected {scheme}://BUCKET/..."
+            )
+        path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+        filesystem = s3_filesystem() if scheme == "s3" else gcs_filesystem()
+        return filesystem, path
+    raise StorageError(
+        uri, "invalid", f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://"
+    )
+
+
+def error_kind(exc: BaseException) -> str:
+    """The :class:`StorageError` kind that an exception from pyarrow or the OS stands for."""
+    if isinstance(exc, StorageError):
+        return exc.kind
+    if isinstance(exc, PermissionError):
+        return "access_denied"
+    if isinstance(exc, NotADirectoryError):
+        return "not_a_directory"
+    text = str(exc)
+    for kind, needles in _ERROR_KINDS:
+        if any(needle in text for needle in needles):
+            return kind
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    return "error"
+
+
+def wrap_error(uri: str, exc: BaseException, action: str = "") -> StorageError:
+    """A :class:`StorageError` for ``exc`` raised while doing ``action`` on ``uri``."""
+    if isinstance(exc, StorageError):
+        return exc
+    detail = f"{action}: {exc}" if action else str(exc)
+    return StorageError(uri, error_kind(exc), detail)
+
+
+def _bucket_of(path: str) -> str:
+    return path.split("/", 1)[0]
+
+
+def check_access(uri: str, write: bool) -> None:
+    """Fail fast, with a :class:`StorageError`, unless ``uri`` can be read (or written).
+
+    Reading needs the path to exist. Writing needs its bucket (remote) or the nearest existing
+    parent directory (local) to accept a small probe file, which is removed again.
+    """
+    filesystem, path = resolve(uri)
+    try:
+        if is_remote(uri):
+            bucket = _bucket_of(path)
+            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(uri, "no_bucket", f"bucket {bucket!r} not found")
+        info = filesystem.get_file_info(path)
+        if not write:
+            if info.type == pafs.FileType.NotFound:
+                raise StorageError(uri, "missing")
+            return
+        if info.type == pafs.FileType.File:
+            raise StorageError(uri, "not_a_directory", "it is a file; expected a folder")
+        _probe_write(filesystem, path, uri)
+    except StorageError:
+        raise
+    except Exception as exc:  # pyarrow raises OSError subclasses with SDK text inside
+        raise wrap_error(uri, exc, "write check" if write else "read check") from None
+
+
+def _probe_write(filesystem: pafs.FileSystem, path: str, uri: str) -> None:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.create_dir(path, recursive=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StorageError(uri, "access_denied", "the folder is not writable")
+    probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(probe) as stream:
+        stream.write(b"")
+    filesystem.delete_file(probe)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of the file at ``uri``."""
+    filesystem, path = resolve(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except Exception as exc:
+        raise wrap_error(uri, exc, "read") from None
+
+
+def write_bytes_atomic(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so readers see either the old file or the whole new one, never a part.
+
+    Local: a temporary file beside the target, then a rename. Object stores: one upload, which
+    becomes visible only when complete.
+    """
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        parent = os.path.dirname(path)
+        filesystem.create_dir(parent, recursive=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def redact(text: str) -> str:
+    """``text`` with secret values (from the environment, ``key=value`` pairs, URLs) masked."""
+    if not text:
+        return text
+    secrets = {os.environ.get(name, "") for name in SECRET_ENV_VARS}
+    secrets |= {
+        value
+        for name, value in os.environ.items()
+        if _SECRET_NAME.search(name) and name.startswith(FORWARDED_ENV_PREFIXES + ("MLFLOW_",))
+    }
+    # Longest first, so a secret that contains another is masked whole.
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _SECRET_ASSIGNMENT.sub(r"\1***", text)
+    return _URL_USERINFO.sub(r"\1***\3", text)
+
+
+def storage_env() -> dict[str, str]:
+    """The ``AWS_*``/``GOOGLE_*``/``GCS_*`` variables (and ``STORAGE_EMULATOR_HOST``) of this
+    process, for workers that must reach the same storage. Pass them through a runtime
+    environment; never log or store them."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    if "STORAGE_EMULATOR_HOST" in os.environ:
+        env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
+    return env

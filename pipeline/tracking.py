@@ -1,0 +1,204 @@
+"""MLflow tracking: one run per training run, written by the driver and by rank 0 only.
+
+The driver creates (or, on resume, reopens) the run and logs params and tags; rank 0 logs
+metrics and sample grids through an ``MlflowSink``; every other rank gets a ``NullSink``. A
+tracking failure never stops training: the sink reports it once and keeps trying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from pipeline.config import Config, flatten
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
+
+
+def tracking_env(cfg: Config) -> dict[str, str]:
+    """Environment variables workers need to reach the tracking store."""
+    return {"MLFLOW_TRACKING_URI": cfg.tracking.resolved_uri()}
+
+
+def _client(cfg: Config) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
+
+
+def ensure_experiment(cfg: Config) -> str:
+    """The experiment's id, created on first use (artifacts beside a local SQLite store)."""
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if cfg.tracking.resolved_uri().startswith("sqlite:"):
+        location = Path(cfg.tracking.artifact_root()).as_uri()
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def start_run(cfg: Config, run_name: str, tags: dict[str, str]) -> str:
+    """Create the MLflow run of a new training run; log params, tags and config.json."""
+    client = _client(cfg)
+    run = client.create_run(ensure_experiment(cfg), run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(cfg.to_dict()).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+        client.log_batch(
+            run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
+        )
+    client.log_dict(run_id, cfg.to_dict(), "config.json")
+    return run_id
+
+
+def reopen_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
+    """Mark a resumed run as running again and refresh its tags."""
+    client = _client(cfg)
+    client.get_run(run_id)  # raises a clear MlflowException when the run is gone
+    client.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def finish_run(cfg: Config, run_id: str, status: str) -> None:
+    try:
+        _client(cfg).set_terminated(run_id, status=status)
+    except Exception as exc:  # the run's outcome must still reach the user
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+class NullSink:
+    """The sink of every rank but 0, and of unit tests."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MlflowSink(NullSink):
+    """Logs to one MLflow run; reports the first failure, then keeps trying quietly."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False):
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.failures = 0
+        self._system = None
+        if system_metrics:
+            self._start_system_metrics(tracking_uri)
+
+    def _start_system_metrics(self, tracking_uri: str) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            mlflow.set_tracking_uri(tracking_uri)
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+            self._system.start()
+        except Exception as exc:
+            log.warning("system metrics are off: %s", exc)
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+            if self.failures:
+                print(
+                    f"[tracking] MLflow reachable again after {self.failures} failed writes",
+                    file=sys.stderr,
+                )
+                self.failures = 0
+        except Exception as exc:
+            if self.failures == 0:
+                print(f"[tracking] MLflow {what} failed, training goes on: {exc}", file=sys.stderr)
+            self.failures += 1
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._guard(
+            "metric logging", self.client.log_batch, self.run_id, metrics=batch, synchronous=True
+        )
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        self._guard("image logging", self.client.log_image, self.run_id, image, key=key, step=step)
+
+    def close(self) -> None:
+        if self._system is not None:
+            with contextlib.suppress(Exception):
+                self._system.finish()
+
+
+def log_json_artifact(cfg: Config, run_id: str, payload: dict, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        _client(cfg).log_artifact(run_id, path)
+
+
+def log_generators(cfg: Config, run_id: str, checkpoint) -> None:
+    """Log G_A (A->B) and G_B (B->A) of a Ray checkpoint as MLflow models (pickle format, with
+    the ``cyclegan`` package as code), and register them when ``tracking.register`` is set."""
+    import cyclegan
+    from cyclegan.checkpoint import load_checkpoint
+    from cyclegan.config import ModelConfig
+    from cyclegan.networks import ResnetGenerator
+
+    with checkpoint.as_directory() as d:
+        state = load_checkpoint(Path(d) / "checkpoint.pt")
+    size = cfg.data.crop_size
+    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
+    m: ModelConfig = cfg.model
+    for net_name, model_name, (in_nc, out_nc) in (
+        ("G_A", "generator_AtoB", (m.input_nc, m.output_nc)),
+        ("G_B", "generator_BtoA", (m.output_nc, m.input_nc)),
+    ):
+        net = ResnetGenerator(in_nc, out_nc, m.ngf, m.n_blocks, m.norm)
+        net.load_state_dict(state["nets"][net_name])
+        net.eval()
+        example = np.zeros((1, in_nc, size, size), dtype=np.float32)
+        registered = (
+            f"{cfg.tracking.register}-{model_name.split('_')[1]}" if cfg.tracking.register else None
+        )
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                net,
+                name=model_name,
+                serialization_format="pickle",
+                code_paths=[str(Path(cyclegan.__file__).parent)],
+                input_example=example,
+                registered_model_name=registered,
+                step=int(state["step"]),
+            )

@@ -1,0 +1,249 @@
+"""The loop each Ray Train worker runs: build, restore, wrap for DDP, then step, log, checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from cyclegan.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from cyclegan.schedules import build_scheduler
+from cyclegan.train_step import (
+    CycleGANNets,
+    build_nets,
+    build_optimizers,
+    build_pools,
+    train_step,
+    translate_cycle,
+)
+from cyclegan.transforms import image_grid, to_input
+from pipeline.config import Config, from_dict
+from pipeline.data import UnpairedBatches, load_samples
+from pipeline.tracking import MlflowSink, NullSink
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 where it was chosen, or on 'auto' where the hardware runs it fast."""
+    if cfg.train.precision == "bf16":
+        return torch.bfloat16
+    if cfg.train.precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    planned = cfg.optim.total_epochs * steps_per_epoch
+    return min(planned, cfg.train.max_steps) if cfg.train.max_steps else planned
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test hook: ``CYCLEGAN_FAULT_STEP``/``_RANK``/``_MARKER`` make one rank die hard once."""
+    at = os.environ.get("CYCLEGAN_FAULT_STEP")
+    if at is None or step != int(at) or rank != int(os.environ.get("CYCLEGAN_FAULT_RANK", "0")):
+        return
+    marker = os.environ.get("CYCLEGAN_FAULT_MARKER")
+    if marker and os.path.exists(marker):
+        return
+    if marker:
+        Path(marker).touch()
+    os._exit(1)
+
+
+def _nan_injected(step: int) -> bool:
+    return os.environ.get("CYCLEGAN_FAULT_NAN_STEP") == str(step)
+
+
+def _wrap(nets: CycleGANNets, cfg: Config, world_size: int) -> CycleGANNets:
+    wrapped = {}
+    for name, net in nets.items():
+        if cfg.train.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net = ray.train.torch.prepare_model(net) if world_size > 1 else net
+        wrapped[name] = torch.compile(net) if cfg.train.compile else net
+    return CycleGANNets(**wrapped)
+
+
+def _report(metrics: dict, ckpt: dict | None) -> None:
+    """A barrier on every rank; only rank 0 passes the checkpoint."""
+    if ckpt is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop(loop_config: dict) -> None:
+    cfg = from_dict(loop_config["config"])
+    run_id = loop_config["run_id"]
+    counts = loop_config["counts"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+
+    # Identical initial weights on every rank; per-rank randomness (pools) seeded by rank.
+    torch.manual_seed(cfg.train.seed)
+    nets = build_nets(cfg.model)
+    for _, net in nets.items():
+        net.to(device)
+    opts = build_optimizers(nets, cfg.optim, fused=device.type == "cuda" or None)
+    scheds = {"G": build_scheduler(opts.G, cfg.optim), "D": build_scheduler(opts.D, cfg.optim)}
+    pools = build_pools(cfg.loss.pool_size, cfg.train.seed * 1000 + 2 * rank)
+    step = epoch = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+        step, epoch = restore_checkpoint(state, nets, opts, scheds, pools, device)
+    torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * step)
+    nets = _wrap(nets, cfg, world)
+
+    batches = UnpairedBatches(
+        {d: ray.train.get_dataset_shard(d) for d in ("A", "B")},
+        counts,
+        cfg.data,
+        world,
+        rank,
+        cfg.train.seed,
+        start_step=step,
+    )
+    steps_per_epoch = batches.plan.steps_per_epoch
+    last_step = total_steps(cfg, steps_per_epoch)
+    dtype = autocast_dtype(cfg, device)
+    fuse = cfg.model.norm != "batch"
+    sink = (
+        MlflowSink(loop_config["tracking_uri"], run_id, cfg.tracking.system_metrics)
+        if rank == 0
+        else NullSink()
+    )
+    samples = None
+    if rank == 0:
+        samples = {
+            d: to_input(x.to(device))
+            for d, x in load_samples(
+                loop_config["data_uri"], cfg.data, cfg.data.num_samples
+            ).items()
+        }
+        print(
+            f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {step} -> {last_step}, "
+            f"precision {dtype or torch.float32}, device {device}",
+            flush=True,
+        )
+
+    images_per_step = world * cfg.data.batch_size
+    t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
+    t_start, step_start = time.perf_counter(), step
+    while step < last_step:
+        t0 = time.perf_counter()
+        a, b = batches.next()
+        wait_interval += time.perf_counter() - t0
+        real_A = to_input(a.to(device), cfg.train.channels_last)
+        real_B = to_input(b.to(device), cfg.train.channels_last)
+        if _nan_injected(step + 1):
+            real_A = real_A * float("nan")
+        _maybe_inject_fault(step + 1, rank)
+        losses = train_step(
+            nets,
+            opts,
+            pools,
+            real_A,
+            real_B,
+            cfg.loss,
+            dtype,
+            fuse,
+            skip_nonfinite=cfg.train.on_nonfinite == "skip",
+        )
+        step += 1
+        steps_interval += 1
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad and cfg.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step} ({', '.join(bad)}); the run stops here and the "
+                "last checkpoint (written before this step) is kept"
+            )
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end:
+            epoch += 1
+            for s in scheds.values():
+                s.step()
+
+        if step % cfg.train.log_every == 0 or step == last_step:
+            now = time.perf_counter()
+            elapsed = now - t_interval
+            metrics = dict(losses)
+            metrics["lr"] = opts.G.param_groups[0]["lr"]
+            metrics["throughput/images_per_s"] = steps_interval * images_per_step / elapsed
+            metrics["data/wait_fraction"] = wait_interval / elapsed
+            metrics["epoch"] = epoch + (step % steps_per_epoch) / steps_per_epoch
+            metrics["nonfinite_steps"] = float(len(bad) > 0)
+            sink.log_metrics(metrics, step)
+            if rank == 0:
+                rate = (step - step_start) / (now - t_start)
+                eta = (last_step - step) / rate if rate > 0 else float("nan")
+                print(
+                    f"[train] epoch {epoch} step {step}/{last_step} "
+                    f"G {losses['loss/G']:.3f} D_A {losses['loss/D_A']:.3f} D_B {losses['loss/D_B']:.3f} "
+                    f"cyc {losses['loss/cycle_A']:.3f}/{losses['loss/cycle_B']:.3f} "
+                    f"{metrics['throughput/images_per_s']:.1f} img/s "
+                    f"wait {100 * metrics['data/wait_fraction']:.0f}% ETA {eta:.0f}s",
+                    flush=True,
+                )
+            t_interval, wait_interval, steps_interval = now, 0.0, 0
+
+        if rank == 0 and (step % cfg.train.sample_every == 0 or step == last_step):
+            out = translate_cycle(nets, samples["A"], samples["B"])
+            grid = image_grid(
+                [
+                    samples["A"],
+                    out["fake_B"],
+                    out["rec_A"],
+                    samples["B"],
+                    out["fake_A"],
+                    out["rec_B"],
+                ]
+            )
+            sink.log_image(grid, "samples", step)
+
+        if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step:
+            ckpt = None
+            if rank == 0:
+                ckpt = make_checkpoint(
+                    step=step,
+                    epoch=epoch,
+                    config=cfg.to_dict(),
+                    nets=nets,
+                    optimizers=opts,
+                    schedulers=scheds,
+                    pools=pools,
+                    mlflow_run_id=run_id,
+                )
+            _report({"step": step, "epoch": epoch, **losses}, ckpt)
+    sink.close()

@@ -1,0 +1,116 @@
+"""Shared fixtures.
+
+S3: a real S3-compatible server (moto's standalone server) on 127.0.0.1, started once per
+session. ``s3_env`` points the AWS_* variables of one test at it and hands the test a fresh
+bucket, so subprocesses started by the test (the real CLIs) reach the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+pytest_plugins = ["tests.ray_fixtures"]
+
+VENV_BIN = Path(sys.executable).parent
+S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class S3Server:
+    """A moto server process; ``endpoint`` is its http://127.0.0.1:PORT URL."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None, timeout_s: float = 30.0) -> None:
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, **(extra_env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"moto_server did not listen on {port} in {timeout_s} s"
+                    ) from None
+                time.sleep(0.1)
+
+    def create_bucket(self, name: str) -> None:
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=S3_REGION,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+        ).create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def set_s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point this test's AWS_* variables (and any subprocess it starts) at ``endpoint`` only."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_REGION", S3_REGION)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    # A proxy configured on the machine must not swallow requests to the local server.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One local S3 server for the whole session (moto accepts any credentials)."""
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """AWS_* set for ``s3_server`` and a new empty bucket; yields ``s3://BUCKET``."""
+    set_s3_env(monkeypatch, s3_server.endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    yield f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def s3_server_denying():
+    """A second local S3 server that checks credentials and knows none, so it denies every
+    request (for access-denied paths)."""
+    server = S3Server(extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield server
+    server.stop()

@@ -1,0 +1,120 @@
+"""Session fixtures for integration tests: one real local Ray head (with the job server) shared
+by every test, and a small built-in scenes dataset. Only one Ray cluster may run per host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    def __init__(self, address: str, dashboard: str, env: dict[str, str]):
+        self.address, self.dashboard, self.env = address, dashboard, env
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A `ray start --head` cluster with 4 logical CPUs and the dashboard (job server)."""
+    os.environ.update(RAY_ENV)
+    port, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, **RAY_ENV}
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        # Explicit free ports: a default port still held by anything leaves the job agent down.
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    try:
+        yield RayHead(address, f"http://127.0.0.1:{dash}", {**RAY_ENV, "RAY_ADDRESS": address})
+    finally:
+        stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        out[int(entry.name)] = (ppid, cmdline)
+    return out
+
+
+def stop_cluster(temp: str) -> None:
+    """Stop only the cluster started with ``temp``: the processes naming it and all their
+    descendants (agents and workers rename themselves, e.g. ``ray::DashboardAgent``)."""
+    procs = _processes()
+    doomed = {pid for pid, (_, cmd) in procs.items() if temp in cmd}
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
+        grew = bool(children)
+        doomed |= children
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in doomed):
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_head):
+    """This test process connected to the shared head."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, log_to_driver=False)
+    yield ray_head
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory) -> str:
+    """A tiny built-in scenes dataset: 48 px, 24 trainA, 16 trainB, 4 paired test images."""
+    from pipeline.synth import write_scenes
+
+    root = tmp_path_factory.mktemp("scenes") / "data"
+    write_scenes(str(root), size=48, train_a=24, train_b=16, test=4, seed=0)
+    return str(root)

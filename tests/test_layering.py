@@ -1,0 +1,95 @@
+"""The layer rule: ``cyclegan/`` never imports ray, mlflow or torch.distributed."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "cyclegan"
+BANNED = ("ray", "mlflow", "torch.distributed")
+MODULE_FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+def banned(module: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in BANNED)
+
+
+def imported_modules(tree: ast.AST) -> list[str]:
+    """Every module an import statement names, including ``from torch import distributed``."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+            names += [f"{node.module}.{alias.name}" for alias in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.append(node.args[0].value)
+    return names
+
+
+def test_the_package_has_modules():
+    names = {p.name for p in MODULE_FILES}
+    assert {"__init__.py", "networks.py", "train_step.py", "checkpoint.py"} <= names
+
+
+def test_rule_detects_banned_imports():
+    source = (
+        "import ray.train\nfrom mlflow import log_metric\nfrom torch import distributed\n"
+        "import torch.distributed as dist\nimport importlib\nimportlib.import_module('ray')\n"
+        "import rayon\nfrom torch import nn\n"
+    )
+    found = [m for m in imported_modules(ast.parse(source)) if banned(m)]
+    assert found == [
+        "ray.train",
+        "mlflow",
+        "mlflow.log_metric",
+        "torch.distributed",
+        "torch.distributed",
+        "ray",
+    ]
+
+
+@pytest.mark.parametrize("path", MODULE_FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_module_does_not_import_distributed_or_tracking_code(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    offending = [m for m in imported_modules(tree) if banned(m)]
+    assert not offending, f"{path} imports {offending}"
+
+
+def test_importing_every_module_loads_neither_ray_nor_mlflow():
+    names = []
+    for path in MODULE_FILES:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(parts))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'))\n"
+        "print(len(sys.modules))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PACKAGE.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) > 100  # torch and every cyclegan module were imported
+    assert "cyclegan.networks" in names and "cyclegan" in names

@@ -1,0 +1,329 @@
+"""End-to-end tests of `python -m pipeline.train` through the real CLI, a real Ray head and a
+real MLflow store, on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_cli(args, home, env_extra=None, timeout=420):
+    import os
+
+    env = {**os.environ, "CYCLEGAN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def mlflow_client(home):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+
+
+def runs_of(home):
+    client = mlflow_client(home)
+    exp = client.get_experiment_by_name("cyclegan")
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def final_checkpoint(home, name):
+    from cyclegan.checkpoint import load_checkpoint
+
+    folders = checkpoint_dirs(Path(home) / "checkpoints" / name)
+    assert folders, f"no checkpoints for {name}"
+    states = [load_checkpoint(f / "checkpoint.pt") for f in folders]
+    return max(states, key=lambda s: s["step"])
+
+
+def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
+    """2 CPU workers, 32 px: metrics at several steps, sample grids, checkpoints, a model."""
+    res = train_cli(
+        [
+            "--preset",
+            "tiny",
+            "--data",
+            scenes,
+            "--num-workers",
+            "2",
+            "--name",
+            "e2e",
+            "--max-steps",
+            "12",
+            "--set",
+            "train.checkpoint_every=4",
+        ],
+        tmp_path,
+        ray_head.env,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert '"num_workers": 2' in res.stdout  # the resolved config is printed
+    client, runs = runs_of(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.lambda_A"] == "10.0"
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["checkpoint.storage"].endswith("/e2e")
+    assert run.data.tags["data.count_A"] == "24"
+    for key in (
+        "loss/G_A",
+        "loss/G_B",
+        "loss/D_A",
+        "loss/D_B",
+        "loss/cycle_A",
+        "loss/idt_B",
+        "lr",
+        "throughput/images_per_s",
+        "data/wait_fraction",
+    ):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) >= 3 and steps == sorted(steps), key
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    sample_steps = {p.split("+step+")[1].split("+")[0] for p in images if p.endswith(".png")}
+    assert len(sample_steps) >= 2
+    assert "config.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    ckpt_dirs = checkpoint_dirs(tmp_path / "checkpoints" / "e2e")
+    assert 1 <= len(ckpt_dirs) <= 3  # num_to_keep
+    state = final_checkpoint(tmp_path, "e2e")
+    assert state["step"] == 12 and state["mlflow_run_id"] == run.info.run_id
+    assert set(state["nets"]) == {"G_A", "G_B", "D_A", "D_B"}
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    models = {
+        m.name: m
+        for m in mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list"
+        )
+    }
+    assert set(models) == {"generator_AtoB", "generator_BtoA"}
+    net = mlflow.pytorch.load_model(models["generator_AtoB"].model_uri)
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 32, 32))
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    # The logged model holds the final weights.
+    assert torch.equal(net.state_dict()["model.1.weight"], state["nets"]["G_A"]["model.1.weight"])
+
+
+def test_resume_equals_uninterrupted(ray_head, scenes, tmp_path):
+    """Stop after 5 steps, --resume to 10: same step count and same weights as 10 straight."""
+    common = [
+        "--preset",
+        "tiny",
+        "--data",
+        scenes,
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "tracking.log_model=false",
+    ]
+    full = train_cli([*common, "--name", "straight", "--max-steps", "10"], tmp_path, ray_head.env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = train_cli([*common, "--name", "split", "--max-steps", "5"], tmp_path, ray_head.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train_cli(["--resume", "split", "--max-steps", "10"], tmp_path, ray_head.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    a, b = final_checkpoint(tmp_path, "straight"), final_checkpoint(tmp_path, "split")
+    assert a["step"] == b["step"] == 10
+    for net in ("G_A", "G_B", "D_A", "D_B"):
+        for key, value in a["nets"][net].items():
+            assert torch.equal(value, b["nets"][net][key]), f"{net}.{key} differs after resume"
+    # One MLflow run per training run; the resumed one continues its metrics.
+    client, runs = runs_of(tmp_path)
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"straight", "split"}
+    steps = [m.step for m in client.get_metric_history(by_name["split"].info.run_id, "loss/G_A")]
+    assert max(steps) == 10 and min(steps) <= 5
+
+
+def test_worker_killed_run_completes(ray_head, scenes, tmp_path):
+    """Rank 1 exits hard at step 7: Ray restarts the group from the step-5 checkpoint and the
+    run ends with the planned steps, in one MLflow run."""
+    marker = tmp_path / "fault-fired"
+    res = train_cli(
+        [
+            "--preset",
+            "tiny",
+            "--data",
+            scenes,
+            "--num-workers",
+            "2",
+            "--name",
+            "faulty",
+            "--max-steps",
+            "10",
+            "--set",
+            "train.checkpoint_every=5",
+            "--set",
+            "tracking.log_model=false",
+        ],
+        tmp_path,
+        {
+            **ray_head.env,
+            "CYCLEGAN_FAULT_STEP": "7",
+            "CYCLEGAN_FAULT_RANK": "1",
+            "CYCLEGAN_FAULT_MARKER": str(marker),
+        },
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert marker.exists(), "the fault never fired"
+    assert final_checkpoint(tmp_path, "faulty")["step"] == 10
+    _, runs = runs_of(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_nonfinite_loss_stops_naming_the_step(ray_head, scenes, tmp_path):
+    res = train_cli(
+        [
+            "--preset",
+            "tiny",
+            "--data",
+            scenes,
+            "--name",
+            "nan",
+            "--max-steps",
+            "10",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            "scaling.max_failures=0",
+        ],
+        tmp_path,
+        {**ray_head.env, "CYCLEGAN_FAULT_NAN_STEP": "3"},
+    )
+    assert res.returncode != 0
+    assert "non-finite loss at step 3" in res.stderr
+    state = final_checkpoint(tmp_path, "nan")  # the step-2 checkpoint is kept
+    assert state["step"] == 2
+    assert all(
+        torch.isfinite(v).all()
+        for net in state["nets"].values()
+        for v in net.values()
+        if v.is_floating_point()
+    )
+    _, runs = runs_of(tmp_path)
+    assert runs[0].info.status == "FAILED"
+
+
+def test_job_submit(ray_head, scenes, tmp_path):
+    """`ray job submit` of a tiny run to the local head: SUCCEEDED, run visible in MLflow."""
+    import os
+
+    env = {**os.environ, **ray_head.env}
+    runtime_env = json.dumps(
+        {"env_vars": {"CYCLEGAN_HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}}
+    )
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        runtime_env,
+        "--",
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--preset",
+        "tiny",
+        "--data",
+        scenes,
+        "--name",
+        "job",
+        "--max-steps",
+        "4",
+        "--set",
+        "tracking.log_model=false",
+    ]
+    deadline = time.monotonic() + 90
+    while True:  # a fresh head's job agent takes a few seconds to come up
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+        if "No available agent" not in res.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "succeeded" in res.stdout.lower()
+    _, runs = runs_of(tmp_path)
+    assert [r.info.run_name for r in runs] == ["job"]
+    assert runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "nope"], "valid presets: demo, paper, paper128, tiny"),
+        (["--set", "loss.lambda_X=1"], "valid keys of loss:"),
+        (["--set", "loss.lambda_A=-1"], "loss.lambda_A: must be >= 0"),
+        (["--set", "data.crop_size=512"], "data.crop_size"),
+        (["--resume", "ghost"], "no run called 'ghost'"),
+    ],
+)
+def test_bad_arguments_fail_fast(args, message, tmp_path):
+    res = train_cli(args, tmp_path, timeout=60)
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+def test_bad_data_is_a_clear_error(ray_head, tmp_path):
+    res = train_cli(
+        ["--preset", "tiny", "--data", str(tmp_path / "nothing")], tmp_path, ray_head.env
+    )
+    assert res.returncode == 2
+    assert "manifest.json not found" in res.stderr
+
+
+def test_unplaceable_workers_fail_with_a_message(ray_head, scenes, tmp_path):
+    res = train_cli(
+        [
+            "--preset",
+            "tiny",
+            "--data",
+            scenes,
+            "--num-workers",
+            "9",
+            "--set",
+            "scaling.placement_timeout_s=1",
+        ],
+        tmp_path,
+        ray_head.env,
+    )
+    assert res.returncode == 2
+    assert "cannot place the training workers" in res.stderr
+
+
+def test_existing_name_is_not_reused(ray_head, scenes, tmp_path):
+    (tmp_path / "checkpoints" / "taken").mkdir(parents=True)
+    res = train_cli(
+        ["--preset", "tiny", "--data", scenes, "--name", "taken"], tmp_path, ray_head.env
+    )
+    assert res.returncode == 2
+    assert "--resume taken" in res.stderr
