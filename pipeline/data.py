@@ -98,11 +98,8 @@ def domain_dataset(
     """A streaming Ray Dataset of one domain's training images, decoded and resized."""
     name = train_name(domain)
     ds = ray.data.read_parquet(
-        manifest.shard_paths(name),
-        filesystem=manifest.filesystem,
-        columns=["key", "image"],
-        num_cpus=0.25,
-    )
+        manifest.shard_paths(name), filesystem=manifest.filesystem, num_cpus=0.25
+    ).select_columns(["key", "image"])
     ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_resize_batch,

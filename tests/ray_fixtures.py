@@ -105,7 +105,13 @@ def ray_client(ray_head):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_head.address, log_to_driver=False)
+        # Train workers import the loop functions defined in test modules.
+        repo = str(Path(__file__).resolve().parents[1])
+        ray.init(
+            address=ray_head.address,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": repo, **RAY_ENV}},
+        )
     yield ray_head
     ray.shutdown()
 

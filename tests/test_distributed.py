@@ -1,0 +1,255 @@
+"""DDP and the Ray Data path inside real Ray Train workers (2 CPU workers, gloo)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cyclegan.config import LossConfig, ModelConfig
+from cyclegan.train_step import CycleGANNets, Optimizers, build_nets, build_pools, train_step
+from pipeline.shards import ShardWriter, build_manifest, write_manifest
+
+pytestmark = pytest.mark.integration
+
+TINY = ModelConfig(ngf=4, ndf=4, n_blocks=1, n_layers_D=2)
+LOSS = LossConfig(pool_size=0)
+
+
+def fit(loop, config: dict, num_workers: int, tmp_path: Path, datasets=None, dataset_config=None):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    kwargs = {"datasets": datasets} if datasets else {}
+    if dataset_config is not None:
+        kwargs["dataset_config"] = dataset_config
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"t-{tmp_path.name}", storage_path=str(tmp_path / "ray")),
+        **kwargs,
+    )
+    return trainer.fit()
+
+
+def batches(world: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    return [
+        (
+            torch.rand(world, 3, 32, 32, generator=g) * 2 - 1,
+            torch.rand(world, 3, 32, 32, generator=g) * 2 - 1,
+        )
+        for _ in range(steps)
+    ]
+
+
+def sgd(nets: CycleGANNets) -> Optimizers:
+    def opt(*ms):
+        return torch.optim.SGD([p for m in ms for p in m.parameters()], lr=0.1)
+
+    return Optimizers(G=opt(nets.G_A, nets.G_B), D=opt(nets.D_A, nets.D_B))
+
+
+def ddp_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from cyclegan.train_step import build_optimizers, unwrap
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(0)
+    nets = build_nets(TINY)
+    opts = sgd(nets) if config["optimizer"] == "sgd" else build_optimizers(nets, _optim())
+    wrapped = CycleGANNets(**{n: ray.train.torch.prepare_model(m) for n, m in nets.items()})
+    for real_A, real_B in batches(world, config["steps"]):
+        train_step(
+            wrapped, opts, build_pools(0, 0), real_A[rank : rank + 1], real_B[rank : rank + 1], LOSS
+        )
+    out = {
+        "params": {n: unwrap(m).state_dict() for n, m in wrapped.items()},
+        "grads": {
+            n: {k: p.grad.clone() for k, p in unwrap(m).named_parameters() if p.grad is not None}
+            for n, m in wrapped.items()
+        },
+    }
+    torch.save(out, Path(config["out"]) / f"rank{rank}.pt")
+
+
+def _optim():
+    from cyclegan.config import OptimConfig
+
+    return OptimConfig()
+
+
+def test_ddp_gradients_match_single_process(ray_client, tmp_path):
+    """One step with 2 ranks x 1 image gives the gradients of one process on the 2 images."""
+    fit(ddp_loop, {"optimizer": "sgd", "steps": 1, "out": str(tmp_path)}, 2, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    torch.manual_seed(0)
+    nets = build_nets(TINY)
+    opts = sgd(nets)
+    ((real_A, real_B),) = batches(2, 1)
+    train_step(nets, opts, build_pools(0, 0), real_A, real_B, LOSS)
+    checked = 0
+    for name, net in nets.items():
+        for key, p in net.named_parameters():
+            for r in ranks:
+                torch.testing.assert_close(r["grads"][name][key], p.grad, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(r["params"][name][key], p.detach(), rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked == sum(len(list(n.parameters())) for _, n in nets.items())
+
+
+def test_ddp_params_stay_identical_across_ranks(ray_client, tmp_path):
+    fit(ddp_loop, {"optimizer": "adam", "steps": 4, "out": str(tmp_path)}, 2, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    initial = build_nets(TINY)
+    for name, state in r0["params"].items():
+        for key, value in state.items():
+            assert torch.equal(value, r1["params"][name][key]), f"{name}.{key} differs across ranks"
+        # and training moved the weights
+        first = next(k for k in state if k.endswith("weight"))
+        assert not torch.equal(state[first], dict(initial.items())[name].state_dict()[first])
+
+
+# Data path
+
+
+def write_domains(
+    root: Path, counts: dict[str, int], size: int = 12, bad: dict | None = None
+) -> str:
+    """A dataset root with random PNGs: counts like {"trainA": 7, "trainB": 50}."""
+    rng = np.random.default_rng(0)
+    entries = {}
+    for name, n in counts.items():
+        with ShardWriter(str(root), name, shard_bytes=4096) as writer:
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                    buf, "PNG"
+                )
+                writer.add(f"{name}/{i:03d}.png", buf.getvalue(), size, size, "PNG")
+            for key in (bad or {}).get(name, []):
+                writer.add(key, b"not an image at all", size, size, "PNG")
+        entries[name] = writer.close()
+    write_manifest(str(root), build_manifest("test", entries))
+    return str(root)
+
+
+def lockstep_loop(config: dict) -> None:
+    import ray.train
+
+    from cyclegan.transforms import to_input
+    from pipeline.config import DataConfig
+    from pipeline.data import UnpairedBatches
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = DataConfig(load_size=12, crop_size=8, shuffle_buffer=4)
+    stream = UnpairedBatches(
+        {d: ray.train.get_dataset_shard(d) for d in ("A", "B")},
+        config["counts"],
+        cfg,
+        world,
+        rank,
+        seed=config["seed"],
+    )
+    log = {"steps_per_epoch": stream.plan.steps_per_epoch, "A": [], "B": [], "first": []}
+    for step in range(config["epochs"] * stream.plan.steps_per_epoch):
+        a, b = stream.next()
+        assert a.dtype == torch.uint8 and a.shape == (1, 8, 8, 3) and b.shape == (1, 8, 8, 3)
+        x = to_input(a)
+        assert x.shape == (1, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+        log["A"].append(stream.streams["A"].last_keys)
+        log["B"].append(stream.streams["B"].last_keys)
+        if step < 3:
+            log["first"].append([a.tolist(), b.tolist()])
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
+
+
+def run_lockstep(root: str, tmp_path: Path, workers: int, epochs: int, seed: int = 0) -> list[dict]:
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    from pipeline.config import DataConfig as PipelineDataConfig
+    from pipeline.data import build_datasets
+
+    datasets, counts = build_datasets(root, PipelineDataConfig(load_size=12, crop_size=8), seed)
+    out = tmp_path / f"out-{seed}-{workers}"
+    out.mkdir()
+    fit(
+        lockstep_loop,
+        {"counts": counts, "epochs": epochs, "out": str(out), "seed": seed},
+        workers,
+        out,
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+
+
+@pytest.mark.parametrize(("n_a", "n_b"), [(7, 50), (50, 7)])
+def test_lockstep_epochs_cover_the_larger_domain(ray_client, tmp_path, n_a, n_b):
+    root = write_domains(tmp_path / "data", {"trainA": n_a, "trainB": n_b})
+    logs = run_lockstep(root, tmp_path, workers=2, epochs=2)
+    spe = logs[0]["steps_per_epoch"]
+    assert spe == max(n_a, n_b) // 2
+    assert [len(log["A"]) for log in logs] == [2 * spe, 2 * spe]  # same steps on every rank
+    larger, smaller = ("B", "A") if n_b > n_a else ("A", "B")
+    all_larger = {f"train{larger}/{i:03d}.png" for i in range(max(n_a, n_b))}
+    for epoch in range(2):
+        seen = [
+            k
+            for log in logs
+            for batch in log[larger][epoch * spe : (epoch + 1) * spe]
+            for k in batch
+        ]
+        assert len(seen) == len(set(seen)) == max(n_a, n_b)  # each image once per epoch
+        assert set(seen) == all_larger
+    small = {k for log in logs for batch in log[smaller] for k in batch}
+    assert small <= {f"train{smaller}/{i:03d}.png" for i in range(min(n_a, n_b))}
+    assert len(small) >= min(n_a, n_b) - 1  # the smaller domain cycles (equal split drops one)
+    # every epoch a new order
+    order = [k for batch in logs[0][larger] for k in batch]
+    assert order[:spe] != order[spe:]
+
+
+def test_same_seed_same_batches(ray_client, tmp_path):
+    root = write_domains(tmp_path / "data", {"trainA": 10, "trainB": 12})
+    first = run_lockstep(root, tmp_path, workers=1, epochs=1, seed=3)[0]
+    (tmp_path / "again").mkdir()
+    again = run_lockstep(root, tmp_path / "again", workers=1, epochs=1, seed=3)[0]
+    other = run_lockstep(root, tmp_path / "again", workers=1, epochs=1, seed=4)[0]
+    assert first["first"] == again["first"]
+    assert first["A"] == again["A"]
+    assert first["first"] != other["first"]
+
+
+def test_reader_skips_undecodable_rows(ray_client, tmp_path):
+    root = write_domains(
+        tmp_path / "data", {"trainA": 6, "trainB": 6}, bad={"trainA": ["trainA/bad.png"]}
+    )
+    logs = run_lockstep(root, tmp_path, workers=1, epochs=2)
+    keys = {k for batch in logs[0]["A"] for k in batch}
+    assert "trainA/bad.png" not in keys
+    assert keys == {f"trainA/{i:03d}.png" for i in range(6)}
+
+
+def test_reads_shards_from_s3(ray_client, s3_env, tmp_path):
+    """Scenes written to the local S3-compatible server stream back through Ray Data."""
+    from pipeline.synth import write_scenes
+
+    uri = f"{s3_env}/scenes"
+    write_scenes(uri, size=16, train_a=6, train_b=4, test=0, seed=0)
+    logs = run_lockstep(uri, tmp_path, workers=1, epochs=1)
+    assert logs[0]["steps_per_epoch"] == 6
+    assert len({k for b in logs[0]["A"] for k in b}) == 6
