@@ -379,11 +379,15 @@ def bench_step(args: argparse.Namespace) -> dict:
                 counter.close()
         print(f"[bench] {flops / 1e9:.3f} GFLOP per step (forward + backward)", flush=True)
         times: dict[str, list[float]] = {name: [] for name in procs}
+        load: list[float] = []  # 1-minute load average after each round: how shared the CPUs were
         for r in range(repeats):
             for name, proc in procs.items():
                 times[name].append(proc.call("run", per_round) / per_round)
+            load.append(os.getloadavg()[0])
             line = ", ".join(f"{n} {1e3 * t[-1]:.0f}" for n, t in times.items())
-            print(f"[bench] round {r + 1}/{repeats}, ms/step: {line}", flush=True)
+            print(
+                f"[bench] round {r + 1}/{repeats}, ms/step: {line}; load {load[-1]:.1f}", flush=True
+            )
         for name, proc in procs.items():
             results[name].update(proc.call("memory"))
     finally:
@@ -419,6 +423,7 @@ def bench_step(args: argparse.Namespace) -> dict:
         "steps_per_repeat": per_round,
         "flops_per_step": flops,
         "gpu_bf16_peak_tflops": peak,
+        "loadavg_per_round": load,
         "variants": results,
     }
 

@@ -226,6 +226,12 @@ def check_resources(cfg: Config, local: bool) -> bool:
         if time.monotonic() >= deadline:
             raise ValueError(message)
         if not warned:
+            # Ask the autoscaler (if any) for the workers' bundles; reading resources alone
+            # creates no demand, so no node would ever be added.
+            from ray.autoscaler.sdk import request_resources
+
+            bundle = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+            request_resources(bundles=[bundle] * cfg.scaling.num_workers)
             print(
                 f"[train] {message}; waiting up to {cfg.scaling.placement_timeout_s:g}s "
                 "for the cluster to grow",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,13 @@ def cpu_has_fast_bf16() -> bool:
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     planned = cfg.optim.total_epochs * steps_per_epoch
     return min(planned, cfg.train.max_steps) if cfg.train.max_steps else planned
+
+
+def say(message: str) -> None:
+    """One progress line on stdout. Written directly: Ray Train patches ``print`` in workers
+    to go through its logger, which shows every line twice on the driver."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
@@ -152,10 +160,9 @@ def train_loop(loop_config: dict) -> None:
                 loop_config["data_uri"], cfg.data, cfg.data.num_samples
             ).items()
         }
-        print(
+        say(
             f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {step} -> {last_step}, "
             f"precision {dtype or torch.float32}, device {device}",
-            flush=True,
         )
 
     images_per_step = world * cfg.data.batch_size
@@ -208,13 +215,12 @@ def train_loop(loop_config: dict) -> None:
             if rank == 0:
                 rate = (step - step_start) / (now - t_start)
                 eta = (last_step - step) / rate if rate > 0 else float("nan")
-                print(
+                say(
                     f"[train] epoch {epoch} step {step}/{last_step} "
                     f"G {losses['loss/G']:.3f} D_A {losses['loss/D_A']:.3f} D_B {losses['loss/D_B']:.3f} "
                     f"cyc {losses['loss/cycle_A']:.3f}/{losses['loss/cycle_B']:.3f} "
                     f"{metrics['throughput/images_per_s']:.1f} img/s "
                     f"wait {100 * metrics['data/wait_fraction']:.0f}% ETA {eta:.0f}s",
-                    flush=True,
                 )
             t_interval, wait_interval, steps_interval = now, 0.0, 0
 

@@ -1,0 +1,490 @@
+"""Load trained generators from wherever they live: one function for every CLI that needs one.
+
+A model source is one of:
+
+- a run folder (``$STORAGE/NAME``: its ``checkpoint_*`` folder with the highest step is used),
+  a ``checkpoint_*`` folder, or a ``checkpoint.pt`` file; local or ``s3://``/``gs://``;
+- a run NAME, looked up under ``storage`` (default ``$CYCLEGAN_HOME/checkpoints``);
+- an MLflow model URI: ``runs:/RUN_ID/generator_AtoB``, ``runs:/RUN_ID`` (the generator of the
+  asked direction), ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``models:/m-...``;
+- a generator file of the official repo (``latest_net_G_A.pth``, ``horse2zebra.pth``): its
+  architecture is read from the weights unless ``arch`` gives it.
+
+Training checkpoints hold both generators: G_A maps A to B (``AtoB``), G_B maps B to A
+(``BtoA``). Every failure raises :class:`ModelSourceError` naming the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import posixpath
+import re
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+from torch import nn
+
+from cyclegan.checkpoint import load_official_generator
+from cyclegan.config import ModelConfig
+from cyclegan.networks import ResnetGenerator
+from pipeline import storage
+from pipeline.config import StorageConfig, TrackingConfig
+
+DIRECTIONS = ("AtoB", "BtoA")
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_PREFIX = "checkpoint_"
+NET_OF_DIRECTION = {"AtoB": "G_A", "BtoA": "G_B"}
+MLFLOW_MODEL_NAME = {"AtoB": "generator_AtoB", "BtoA": "generator_BtoA"}
+_MLFLOW_NAME = re.compile(r"generator_(AtoB|BtoA)$")
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved or loaded; the message names it."""
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: {direction!r} is not one of {', '.join(DIRECTIONS)}")
+    return direction
+
+
+def other_direction(direction: str) -> str:
+    return "BtoA" if check_direction(direction) == "AtoB" else "AtoB"
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(("runs:/", "models:/"))
+
+
+# architecture
+
+
+def _model_config(tree: dict) -> ModelConfig:
+    """A ModelConfig from a saved config's ``model`` section (unknown keys ignored)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in tree.items() if k in known})
+
+
+def swapped(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` for the reverse generator (input and output channels exchanged)."""
+    return dataclasses.replace(cfg, input_nc=cfg.output_nc, output_nc=cfg.input_nc)
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The generator architecture that a ResnetGenerator state dict was saved from.
+
+    ``model.1`` is the first 7x7 conv (ngf x input_nc), residual blocks hold ``conv_block``
+    keys, the last conv gives output_nc; a batch-norm generator has ``model.2.weight`` (instance
+    norm without affine parameters has none).
+    """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    first = state.get("model.1.weight")
+    if first is None or first.dim() != 4:
+        raise ValueError("not a ResnetGenerator state dict: no model.1.weight conv")
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.(\d+)\.conv_block\.", k))}
+    convs = [
+        (int(m.group(1)), v)
+        for k, v in state.items()
+        if (m := re.fullmatch(r"model\.(\d+)\.weight", k)) and v.dim() == 4
+    ]
+    last = max(convs, key=lambda item: item[0])[1]
+    norm = "batch" if "model.2.weight" in state else "instance"
+    return ModelConfig(
+        input_nc=first.shape[1],
+        output_nc=last.shape[0],
+        ngf=first.shape[0],
+        n_blocks=len(blocks),
+        norm=norm,
+    )
+
+
+def arch_of(net: nn.Module) -> ModelConfig:
+    """The architecture of a live generator (e.g. one loaded from MLflow)."""
+    cfg = infer_arch(net.state_dict())
+    if cfg.norm == "instance" and not any(isinstance(m, nn.InstanceNorm2d) for m in net.modules()):
+        cfg = dataclasses.replace(cfg, norm="none")
+    return cfg
+
+
+def build_from_state(state: dict, cfg: ModelConfig, source: str) -> ResnetGenerator:
+    net = ResnetGenerator(cfg.input_nc, cfg.output_nc, cfg.ngf, cfg.n_blocks, cfg.norm)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelSourceError(
+            f"{source}: weights do not match a generator with {cfg}: {exc}"
+        ) from None
+    return net.eval()
+
+
+# checkpoints on local or object storage
+
+
+def _load_bytes(data: bytes, where: str) -> dict:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise ModelSourceError(f"{where}: cannot be loaded as a PyTorch file: {exc}") from None
+
+
+def _load_file(fs: pafs.FileSystem, path: str, where: str, mmap: bool = False) -> dict:
+    """A ``torch.save`` file (weights only). Local files may be memory-mapped, which reads
+    only the pickle until a tensor is touched (cheap when only the step is needed)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:
+            if mmap:  # files from old torch versions cannot be mapped; read them whole
+                return _load_file(fs, path, where, mmap=False)
+            raise ModelSourceError(f"{where}: cannot be loaded as a PyTorch file: {exc}") from None
+    try:
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+    except Exception as exc:
+        raise ModelSourceError(str(storage.wrap_error(where, exc, "read"))) from None
+    return _load_bytes(data, where)
+
+
+def _info_type(fs: pafs.FileSystem, path: str, where: str) -> pafs.FileType:
+    try:
+        return fs.get_file_info(path).type
+    except Exception as exc:
+        raise ModelSourceError(str(storage.wrap_error(where, exc, "stat"))) from None
+
+
+def _checkpoint_folders(fs: pafs.FileSystem, folder: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+    )
+
+
+def _newest_checkpoint(fs: pafs.FileSystem, folder: str, where: str) -> tuple[str, dict]:
+    """(path, dict) of the checkpoint with the highest step among ``folder/checkpoint_*``."""
+    best: tuple[int, str, dict] | None = None
+    for sub in _checkpoint_folders(fs, folder):
+        path = posixpath.join(sub, CHECKPOINT_FILE)
+        if _info_type(fs, path, where) != pafs.FileType.File:
+            continue  # a checkpoint folder still being written, or emptied by a failure
+        where_file = storage.join(where, posixpath.basename(sub), CHECKPOINT_FILE)
+        ckpt = _load_file(fs, path, where_file, mmap=True)
+        step = int(ckpt.get("step", -1)) if isinstance(ckpt, dict) else -1
+        # Equal steps: the later folder name (Ray names them by time) wins.
+        if best is None or step >= best[0]:
+            best = (step, path, ckpt)
+    if best is None:
+        raise ModelSourceError(
+            f"{where}: no {CHECKPOINT_FILE} here and no {CHECKPOINT_PREFIX}* folder holding one"
+        )
+    return best[1], best[2]
+
+
+def _runs_under(root_uri: str) -> list[str]:
+    fs, root = storage.resolve(root_uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except Exception:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def _looks_like_name(source: str) -> bool:
+    return bool(source) and "/" not in source and "\\" not in source and "://" not in source
+
+
+def _resolve_path(source: str, storage_uri: str | None) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path, display URI) of an existing file or folder the source names."""
+    try:
+        fs, path = storage.resolve(source)
+    except storage.StorageError as exc:
+        raise ModelSourceError(f"model source {source}: {exc}") from None
+    kind = _info_type(fs, path, source)
+    if kind != pafs.FileType.NotFound:
+        return fs, path, source
+    if _looks_like_name(source):
+        root = storage_uri or StorageConfig().resolved_uri()
+        run_uri = storage.join(root, source)
+        rfs, rpath = storage.resolve(run_uri)
+        if _info_type(rfs, rpath, run_uri) == pafs.FileType.Directory:
+            return rfs, rpath, run_uri
+        runs = _runs_under(root)
+        raise ModelSourceError(
+            f"model source {source!r}: no such file or folder, and no run called {source!r} under "
+            f"{storage.redact(root)} (runs there: {', '.join(runs) or 'none'})"
+        )
+    raise ModelSourceError(f"model source {storage.redact(source)}: no such file or folder")
+
+
+def _checkpoint_info(ckpt: dict, where: str) -> dict:
+    config = ckpt.get("config") or {}
+    return {
+        "kind": "checkpoint",
+        "path": where,
+        "step": int(ckpt["step"]) if "step" in ckpt else None,
+        "mlflow_run_id": ckpt.get("mlflow_run_id"),
+        "config": config,
+        "crop_size": (config.get("data") or {}).get("crop_size"),
+    }
+
+
+def _from_checkpoint(ckpt: dict, directions: list[str], where: str) -> tuple[dict, dict, dict]:
+    nets_state = ckpt.get("nets")
+    if not isinstance(nets_state, dict):
+        raise ModelSourceError(f"{where}: a checkpoint without 'nets'")
+    try:
+        cfg = _model_config((ckpt.get("config") or {}).get("model") or {})
+    except ValueError as exc:
+        raise ModelSourceError(f"{where}: bad model config in the checkpoint: {exc}") from None
+    nets, cfgs = {}, {}
+    for d in directions:
+        name = NET_OF_DIRECTION[d]
+        if name not in nets_state:
+            raise ModelSourceError(f"{where}: the checkpoint has no {name} ({d}) generator")
+        cfgs[d] = cfg if d == "AtoB" else swapped(cfg)
+        nets[d] = build_from_state(nets_state[name], cfgs[d], f"{where} ({name})")
+    return nets, cfgs, _checkpoint_info(ckpt, where)
+
+
+def _is_official_state(state: object) -> bool:
+    return (
+        isinstance(state, dict)
+        and bool(state)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+        and any(k.removeprefix("module.").startswith("model.") for k in state)
+    )
+
+
+def _from_official(
+    fs: pafs.FileSystem, path: str, where: str, state: dict, arch: ModelConfig | None
+) -> tuple[ResnetGenerator, ModelConfig]:
+    try:
+        cfg = arch or infer_arch(state)
+    except ValueError as exc:
+        raise ModelSourceError(f"{where}: {exc}") from None
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            return load_official_generator(path, cfg), cfg
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, posixpath.basename(path) or "generator.pth")
+            torch.save(state, local)
+            return load_official_generator(local, cfg), cfg
+    except ValueError as exc:
+        raise ModelSourceError(f"{where}: {exc}") from None
+
+
+def _load_stored(
+    source: str, directions: list[str], storage_uri: str | None, arch: ModelConfig | None
+) -> tuple[dict, dict, dict]:
+    fs, path, where = _resolve_path(source, storage_uri)
+    if _info_type(fs, path, where) == pafs.FileType.Directory:
+        direct = posixpath.join(path, CHECKPOINT_FILE)
+        if _info_type(fs, direct, where) == pafs.FileType.File:
+            path, where = direct, storage.join(where, CHECKPOINT_FILE)
+            state = _load_file(fs, path, where)
+        else:
+            path, state = _newest_checkpoint(fs, path, where)
+            where = storage.join(where, *path.split("/")[-2:])
+    else:
+        state = _load_file(fs, path, where)
+    if isinstance(state, dict) and "nets" in state:
+        return _from_checkpoint(state, directions, where)
+    if _is_official_state(state):
+        # One generator; the caller says which way it translates.
+        net, cfg = _from_official(fs, path, where, state, arch)
+        info = {"kind": "official", "path": where, "step": None, "mlflow_run_id": None}
+        return {directions[0]: net}, {directions[0]: cfg}, {**info, "config": {}, "crop_size": None}
+    raise ModelSourceError(
+        f"{where}: neither a training checkpoint (a dict with 'nets') nor a generator state dict"
+    )
+
+
+# MLflow
+
+
+def _mlflow_locate(uri: str, client) -> tuple[str | None, str | None]:
+    """(source run id, logged model name) of an MLflow model URI, where they can be found."""
+    rest = uri.split(":/", 1)[1].strip("/")
+    if uri.startswith("runs:/"):
+        run_id, _, path = rest.partition("/")
+        return run_id, (path or None)
+    name, _, version = rest.partition("/")
+    if name.startswith("m-") and not version and "@" not in name:
+        logged = client.get_logged_model(name)
+        return logged.source_run_id, logged.name
+    if "@" in name:
+        model, alias = name.split("@", 1)
+        mv = client.get_model_version_by_alias(model, alias)
+    elif version:
+        mv = client.get_model_version(name, version)
+    else:
+        return None, None
+    model_name = None
+    model_id = getattr(mv, "model_id", None) or (
+        mv.source.split(":/", 1)[1].strip("/") if str(mv.source).startswith("models:/m-") else None
+    )
+    if model_id:
+        model_name = client.get_logged_model(model_id).name
+    return mv.run_id, model_name
+
+
+def _load_mlflow(
+    source: str, directions: list[str], tracking_uri: str | None, strict: bool
+) -> tuple[dict, dict, dict]:
+    """Generators of an MLflow source; with ``strict`` every asked direction must load."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or TrackingConfig().resolved_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run_id, name = _mlflow_locate(source, client)
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model source {source}: not found in MLflow at {uri}: {exc}"
+        ) from None
+    named = _MLFLOW_NAME.search(name or "")
+    if named is None and name is None and source.startswith("runs:/"):
+        # runs:/RUN_ID: the run's generators, chosen by direction.
+        uris = {d: f"runs:/{run_id}/{MLFLOW_MODEL_NAME[d]}" for d in directions}
+    elif named is not None:
+        # The URI names one generator of a pair; the other one is its sibling in the same run.
+        own = named.group(1)
+        if strict and own != directions[0]:
+            raise ModelSourceError(
+                f"model source {source} is {name} ({own}) but direction {directions[0]} was "
+                f"asked: pass --direction {own}, or runs:/{run_id} to choose by direction"
+            )
+        uris = {own: source}
+        for d in directions:
+            if d != own and run_id:
+                uris[d] = f"runs:/{run_id}/{MLFLOW_MODEL_NAME[d]}"
+    else:
+        uris = {directions[0]: source}  # a model of another name: taken as the asked direction
+    uris = {d: uris[d] for d in directions if d in uris}
+    nets, cfgs = {}, {}
+    for d, model_uri in uris.items():
+        try:
+            net = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        except Exception as exc:
+            if strict or d == directions[0]:
+                raise ModelSourceError(
+                    f"model source {model_uri}: cannot load from {uri}: {exc}"
+                ) from None
+            continue  # the reverse generator is optional
+        if not isinstance(net, nn.Module):
+            raise ModelSourceError(f"model source {model_uri}: not a torch module ({type(net)})")
+        nets[d], cfgs[d] = net.eval(), arch_of(net)
+    config: dict = {}
+    if run_id:
+        try:
+            config = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")
+        except Exception:
+            config = {}  # a model logged outside training has no config; nothing depends on it
+    info = {
+        "kind": "mlflow",
+        "path": source,
+        "step": None,
+        "mlflow_run_id": run_id,
+        "config": config,
+        "crop_size": (config.get("data") or {}).get("crop_size"),
+    }
+    return nets, cfgs, info
+
+
+# public API
+
+
+def load_generators(
+    source: str,
+    directions: list[str] | tuple[str, ...] = DIRECTIONS,
+    *,
+    storage: str | None = None,
+    arch: ModelConfig | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[dict[str, nn.Module], dict[str, ModelConfig], dict]:
+    """The generators of ``directions`` that ``source`` holds, in eval mode on the CPU.
+
+    The first direction must be there; the others are loaded where the source has them
+    (checkpoints and MLflow runs hold both, an official file holds one, taken to translate in
+    the first direction). Returns ``({direction: net}, {direction: ModelConfig}, info)``; info has
+    ``source``, ``kind`` (checkpoint, mlflow, official), ``path``, ``step``, ``mlflow_run_id``,
+    ``config`` (the training config, ``{}`` when unknown) and ``crop_size``.
+    """
+    directions = [check_direction(d) for d in directions]
+    if not directions:
+        raise ValueError("directions: name at least one of AtoB, BtoA")
+    source = str(source)
+    if is_mlflow_uri(source):
+        nets, cfgs, info = _load_mlflow(source, directions, tracking_uri, strict=False)
+    else:
+        nets, cfgs, info = _load_stored(source, directions, storage, arch)
+    return nets, cfgs, {"source": source, **info}
+
+
+def load_generator(
+    source: str,
+    direction: str = "AtoB",
+    *,
+    storage: str | None = None,
+    arch: ModelConfig | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[nn.Module, ModelConfig, dict]:
+    """One generator of ``source`` (see the module docstring), in eval mode on the CPU.
+
+    ``direction`` picks G_A (AtoB) or G_B (BtoA) of a checkpoint or MLflow run; an MLflow URI
+    that names one generator must name that direction. ``arch`` gives the architecture of an
+    official ``.pth`` file (default: read from its weights). The ModelConfig describes the
+    returned generator (its input_nc is the channels it takes). info: see :func:`load_generators`.
+    """
+    check_direction(direction)
+    source = str(source)
+    if is_mlflow_uri(source):
+        nets, cfgs, info = _load_mlflow(source, [direction], tracking_uri, strict=True)
+        info = {"source": source, **info}
+    else:
+        nets, cfgs, info = load_generators(source, [direction], storage=storage, arch=arch)
+    return nets[direction], cfgs[direction], {**info, "direction": direction}
+
+
+def arch_from_flags(ngf: int | None, n_blocks: int | None, norm: str | None) -> ModelConfig | None:
+    """The ``--ngf/--n-blocks/--norm`` flags as an architecture (None when none is given)."""
+    if ngf is None and n_blocks is None and norm is None:
+        return None
+    default = ModelConfig()
+    return ModelConfig(
+        ngf=default.ngf if ngf is None else ngf,
+        n_blocks=default.n_blocks if n_blocks is None else n_blocks,
+        norm=norm or default.norm,
+    )
+
+
+def add_model_flags(parser, direction_default: str | None = "AtoB") -> None:
+    """The flags every CLI that loads a generator shares."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="SOURCE",
+        help="run NAME, run/checkpoint folder, checkpoint.pt, runs:/ or models:/ URI, or .pth",
+    )
+    parser.add_argument(
+        "--storage", help="where run NAMEs live (default $CYCLEGAN_HOME/checkpoints)"
+    )
+    arch = parser.add_argument_group("architecture of an official .pth (default: from its weights)")
+    arch.add_argument("--ngf", type=int, help="filters of the first conv (paper: 64)")
+    arch.add_argument("--n-blocks", type=int, help="residual blocks (paper: 9 at 256 px)")
+    arch.add_argument("--norm", choices=("instance", "batch", "none"), help="normalisation")
+
+
+def resolved_path(info: dict) -> str:
+    """Where the loaded weights came from, absolute for local files (for other processes)."""
+    path = info["path"]
+    if info["kind"] == "mlflow" or storage.is_remote(path):
+        return path
+    return str(Path(path).resolve())
