@@ -58,8 +58,9 @@ ui: setup
 		--default-artifact-root $(CYCLEGAN_HOME)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 ray-up-local: setup
+	@# Two logical CPUs beyond the cores, so data decoding always fits beside training workers.
 	$(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
-		--dashboard-port $(DASHBOARD_PORT) --include-dashboard true
+		--dashboard-port $(DASHBOARD_PORT) --include-dashboard true --num-cpus $$(( $$(nproc) + 2 ))
 
 ray-down-local: setup
 	$(VENV)/bin/ray stop
@@ -67,7 +68,7 @@ ray-down-local: setup
 submit-demo: data
 	$(VENV)/bin/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
 		--runtime-env-json '{"env_vars": {"CYCLEGAN_HOME": "$(CYCLEGAN_HOME)", "RAY_AUTH_MODE": "$(RAY_AUTH_MODE)"}}' \
-		-- python -m pipeline.train --preset demo $(ARGS)
+		-- $(abspath $(PY)) -m pipeline.train --preset demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -319,7 +319,10 @@ def test_export_cli(tmp_path):
     assert (out / "generator_BtoA.torchscript.pt").is_file()
     assert json.loads((out / "generator_BtoA.json").read_text())["step"] == 3
 
-    res = run_cli("pipeline.export", "--model", str(tmp_path / "missing"), "--out", str(out))
+    res = run_cli(
+        "pipeline.export",
+        *("--model", str(tmp_path / "missing"), "--out", str(out), "--formats", "torchscript"),
+    )
     assert res.returncode == 2
     assert "missing: no such file or folder" in res.stderr
     if not HAS_ONNX:
