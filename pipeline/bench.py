@@ -168,6 +168,15 @@ def _status_kib(field: str) -> int:
     return 0
 
 
+def cpu_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        tick = os.sysconf("SC_CLK_TCK")
+        return (sum(fields) - fields[3] - fields[4]) / tick, sum(fields) / tick
+    return 0.0, 0.0
+
+
 def _release_free_memory() -> None:
     # Idle variant processes wait while the others run; handing freed heap back to the OS keeps
     # their resident memory (and the pressure on the others) at what they actually hold.
@@ -225,14 +234,14 @@ class StepRunner:
             self.cfg.model.norm != "batch",
         )
 
-    def run(self, n: int) -> float:
-        """Seconds for ``n`` steps (train_step returns floats, so each step ends synced)."""
+    def run(self, n: int) -> tuple[float, float]:
+        """Wall and CPU seconds of ``n`` steps (train_step returns floats: each step syncs)."""
         self._sync()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             self.step()
         self._sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - cpu0
 
     def flops(self) -> int:
         """Conv and matmul FLOPs of one train step, forward and backward."""
@@ -277,7 +286,7 @@ def _step_process(conn, spec: dict) -> None:
             if command == "run":
                 value = runner.run(arg)
             elif command == "warmup":
-                value = [runner.run(1) for _ in range(arg)]
+                value = [runner.run(1)[0] for _ in range(arg)]
             elif command == "flops":
                 value = runner.flops()
             elif command == "memory":
@@ -379,14 +388,22 @@ def bench_step(args: argparse.Namespace) -> dict:
                 counter.close()
         print(f"[bench] {flops / 1e9:.3f} GFLOP per step (forward + backward)", flush=True)
         times: dict[str, list[float]] = {name: [] for name in procs}
-        load: list[float] = []  # 1-minute load average after each round: how shared the CPUs were
+        # The share of the machine's CPU time that other processes took while a variant ran:
+        # the machine may be shared, and contention slows multi-threaded steps a lot.
+        others: dict[str, list[float]] = {name: [] for name in procs}
         for r in range(repeats):
             for name, proc in procs.items():
-                times[name].append(proc.call("run", per_round) / per_round)
-            load.append(os.getloadavg()[0])
-            line = ", ".join(f"{n} {1e3 * t[-1]:.0f}" for n, t in times.items())
+                busy0, total0 = cpu_busy_seconds()
+                wall, cpu = proc.call("run", per_round)
+                busy1, total1 = cpu_busy_seconds()
+                times[name].append(wall / per_round)
+                others[name].append(max(0.0, busy1 - busy0 - cpu) / max(total1 - total0, 1e-9))
+            line = ", ".join(
+                f"{n} {1e3 * t[-1]:.0f} ({100 * others[n][-1]:.0f}%)" for n, t in times.items()
+            )
             print(
-                f"[bench] round {r + 1}/{repeats}, ms/step: {line}; load {load[-1]:.1f}", flush=True
+                f"[bench] round {r + 1}/{repeats}, ms/step (others' CPU share): {line}",
+                flush=True,
             )
         for name, proc in procs.items():
             results[name].update(proc.call("memory"))
@@ -400,6 +417,7 @@ def bench_step(args: argparse.Namespace) -> dict:
         res = results[name]
         res["ms_per_step"] = summarize([1e3 * s for s in step_s])
         res["images_per_s"] = summarize([batch / s for s in step_s])
+        res["others_cpu_share"] = summarize(others[name])
         median_s = statistics.median(step_s)
         res["achieved_gflop_per_s"] = flops / median_s / 1e9
         res["fraction_of_peak"] = flops / median_s / (peak * 1e12) if peak else None
@@ -423,7 +441,6 @@ def bench_step(args: argparse.Namespace) -> dict:
         "steps_per_repeat": per_round,
         "flops_per_step": flops,
         "gpu_bf16_peak_tflops": peak,
-        "loadavg_per_round": load,
         "variants": results,
     }
 
@@ -437,7 +454,8 @@ def print_step(res: dict) -> None:
     peak = res["gpu_bf16_peak_tflops"]
     print(
         f"\n{'variant':<20}{'img/s':>8}  {'ms/step median [min-max]':<26}{'vs fp32':>8}"
-        f"{'peak MiB':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}" + ("  % of bf16 peak" if peak else "")
+        f"{'peak MiB':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}{'others':>8}"
+        + ("  % of bf16 peak" if peak else "")
     )
     best = None
     for name, v in res["variants"].items():
@@ -451,6 +469,7 @@ def print_step(res: dict) -> None:
         line = (
             f"{name:<20}{v['images_per_s']['median']:>8.2f}  {spread:<26}{ratio:>8}"
             f"{mem:>10.0f}{flop / 1e9:>12.3f}{v['achieved_gflop_per_s']:>9.1f}"
+            f"{100 * v['others_cpu_share']['median']:>7.0f}%"
         )
         if v["fraction_of_peak"] is not None:
             line += f"  {100 * v['fraction_of_peak']:.2f}%"
@@ -460,7 +479,8 @@ def print_step(res: dict) -> None:
         if speed and (best is None or speed["median"] > best[1]):
             best = (name, speed["median"])
     print(
-        "vs fp32: median of per-round ratios to fp32 eager; peak MiB: "
+        "vs fp32: median of per-round ratios to fp32 eager; others: median share of the "
+        "machine's CPU time other processes used while the variant ran; peak MiB: "
         + (
             "resident-set high-water mark of the variant's own process (torch included)"
             if res["device"] == "cpu"

@@ -72,11 +72,17 @@ class TrainConfig:
     """Run the nets in channels_last memory format."""
     compile: bool = False
     """Wrap the nets in torch.compile."""
+    eval_every: int = 0
+    """Steps between evaluations on a paired test split (0: at each epoch end)."""
+    eval_limit: int = 50
+    """Test pairs scored per evaluation."""
     on_nonfinite: str = "stop"
     """What a NaN/Inf loss does: stop (the run fails naming the step) or skip (step discarded)."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.eval_limit >= 1, "train.eval_limit", "must be >= 1")
         for name in ("log_every", "sample_every", "checkpoint_every", "num_to_keep"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
         _check(

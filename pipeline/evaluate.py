@@ -30,6 +30,7 @@ import contextlib
 import html
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -189,9 +190,12 @@ class _Gallery:
     """The first few rows of a direction: input | output | reconstruction | ground truth."""
 
     def __init__(self, rows: int) -> None:
-        self.rows, self.images = rows, []
+        self.rows, self.images, self.columns = rows, [], []
 
     def add(self, *columns: torch.Tensor | None) -> None:
+        # Unpaired rows have no ground truth: three columns, the first three names.
+        pairs = zip(COLUMNS, columns, strict=False)
+        self.columns = [name for name, c in pairs if c is not None]
         present = [c.detach().float().cpu() for c in columns if c is not None]
         for i in range(len(present[0])):
             if len(self.images) < self.rows:
@@ -379,26 +383,30 @@ def evaluate(
         "metrics": metrics,
     }
     if out_dir:
-        write_report(result, {d: g.grid() for d, g in galleries.items()}, out_dir)
+        grids = {d: (g.grid(), g.columns) for d, g in galleries.items() if g.images}
+        write_report(result, grids, out_dir)
     return result
 
 
 # outputs
 
 
-def write_report(result: dict, grids: dict[str, np.ndarray | None], out_dir: str) -> list[str]:
-    """metrics.json, gallery_<direction>.png and index.html in ``out_dir``; returns the paths."""
+def write_report(
+    result: dict, grids: dict[str, tuple[np.ndarray, list[str]]], out_dir: str
+) -> list[str]:
+    """metrics.json, gallery_<direction>.png and index.html in ``out_dir``; returns the paths.
+
+    ``grids``: direction -> (HxWx3 uint8 gallery, names of its columns).
+    """
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     images = []
-    for direction, grid in grids.items():
-        if grid is None:
-            continue
+    for direction, (grid, columns) in grids.items():
         name = f"gallery_{direction}.png"
         Image.fromarray(grid).save(os.path.join(out_dir, name))
-        images.append((direction, name))
+        images.append((direction, name, columns))
         paths.append(os.path.join(out_dir, name))
-    result = {**result, "galleries": {d: name for d, name in images}}
+    result = {**result, "galleries": {d: {"file": n, "columns": c} for d, n, c in images}}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     paths.append(os.path.join(out_dir, "metrics.json"))
@@ -408,7 +416,7 @@ def write_report(result: dict, grids: dict[str, np.ndarray | None], out_dir: str
     return paths
 
 
-def render_html(result: dict, images: list[tuple[str, str]]) -> str:
+def render_html(result: dict, images: list[tuple[str, str, list[str]]]) -> str:
     esc = html.escape
     rows = "\n".join(
         f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in result["metrics"].items()
@@ -419,10 +427,9 @@ def render_html(result: dict, images: list[tuple[str, str]]) -> str:
         if result.get(k) is not None
     )
     sections = "\n".join(
-        f"<h2>{esc(d.replace('to', ' to '))}</h2><p>Columns: {esc(' | '.join(COLUMNS))} "
-        "(reconstruction and ground truth where available)</p>"
+        f"<h2>{esc(d.replace('to', ' to '))}</h2><p>Columns: {esc(' | '.join(columns))}</p>"
         f'<img src="{esc(name)}" alt="{esc(d)} gallery">'
-        for d, name in images
+        for d, name, columns in images
     )
     return (
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>CycleGAN evaluation</title>"
@@ -485,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_name(info: dict) -> str:
+    """A short folder name for a model: run name and step, MLflow run id, or file stem."""
+    if info["kind"] == "mlflow":
+        name = f"mlflow-{(info.get('mlflow_run_id') or 'model')[:12]}"
+    else:
+        parts = [p for p in re.split(r"[/\\]", str(info["path"])) if p]
+        if info["kind"] == "checkpoint" and len(parts) >= 3:
+            run = parts[-3] if parts[-2].startswith("checkpoint_") else parts[-2]
+            name = f"{run}-step{info.get('step') or 0}"
+        else:
+            name = os.path.splitext(parts[-1])[0] if parts else "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def _tracking_uri(info: dict) -> str:
     uri = ((info.get("config") or {}).get("tracking") or {}).get("uri") or ""
     return C.TrackingConfig(uri=uri).resolved_uri()
@@ -512,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         nets = {d: n.to(device) for d, n in nets.items()}
         step = info.get("step") or 0
-        name = os.path.basename(str(info["path"]).rstrip("/")) or "model"
-        out = args.out or os.path.join(C.home(), "eval", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = args.out or os.path.join(C.home(), "eval", f"{report_name(info)}-{stamp}")
         print(
             f"[evaluate] {', '.join(nets)} of {args.model} ({info['kind']}, step {step}) on "
             f"{redact(data_uri)} {args.split}, size {size or 'as stored'}, device {device}",

@@ -251,8 +251,13 @@ class TrainResult:
     step: int
 
 
-def run(cfg: Config) -> TrainResult:
-    """Train ``cfg`` to the end; returns where things went. Raises on failure."""
+def run(
+    cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None
+) -> TrainResult:
+    """Train ``cfg`` to the end; returns where things went. Raises on failure.
+
+    ``callbacks`` go to Ray Train's RunConfig (Tune's report callback in a sweep);
+    ``parent_run_id`` nests the MLflow run under a sweep's run."""
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -274,7 +279,9 @@ def run(cfg: Config) -> TrainResult:
         )
     # Fail on a bad dataset before any Ray start-up.
     data_uri = cfg.data.resolved_uri()
-    check_dataset(read_manifest(data_uri), cfg.data)
+    manifest = read_manifest(data_uri)
+    check_dataset(manifest, cfg.data)
+    paired = manifest.paired_test and {"testA", "testB"} <= set(manifest.datasets)
     started_here = connect_ray(cfg)
     try:
         use_gpu = check_resources(cfg, local=started_here)
@@ -288,6 +295,8 @@ def run(cfg: Config) -> TrainResult:
             "data.count_B": str(counts["B"]),
             "preset": cfg.preset,
         }
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
         commit = tracking.git_commit()
         if commit:
             tags["git.commit"] = commit
@@ -315,6 +324,7 @@ def run(cfg: Config) -> TrainResult:
                 "run_id": run_id,
                 "counts": counts,
                 "data_uri": data_uri,
+                "paired": paired,
                 "tracking_uri": cfg.tracking.resolved_uri(),
                 "threads_per_worker": max(1, cores // cfg.scaling.num_workers)
                 if started_here
@@ -329,6 +339,7 @@ def run(cfg: Config) -> TrainResult:
                 name=name,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                callbacks=callbacks or [],
                 **storage_kwargs,
             ),
             datasets=datasets,

@@ -173,10 +173,13 @@ class Translator:
     def _rows(self, batch: dict) -> list[tuple[str, bytes]]:
         if "key" in batch:
             return [(str(k), bytes(d)) for k, d in zip(batch["key"], batch["image"], strict=True)]
-        return [
-            (posixpath.relpath(str(p), self.base), bytes(d))
-            for p, d in zip(batch["path"], batch["bytes"], strict=True)
-        ]
+        rows = []
+        for path, data in zip(batch["path"], batch["bytes"], strict=True):
+            key = posixpath.relpath(str(path), self.base)
+            if key.startswith("../"):
+                raise ValueError(f"input {path} is not under {self.base}")
+            rows.append((key, bytes(data)))
+        return rows
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -302,6 +305,9 @@ def translate(
             f"--format {fmt}: inputs would overwrite each other's output ({', '.join(dupes[:5])})"
         )
     check_output(output_uri, input_uri, overwrite)
+    if not ray.is_initialized():
+        # ray.put would quietly start a local Ray of its own; connect first on purpose.
+        raise RuntimeError("translate() needs a Ray connection: call connect_ray() first")
     actors, gpus, cpus = plan_actors(num_actors, num_gpus_per_actor)
     payload = {
         "arch": dataclasses.asdict(cfg),
@@ -322,7 +328,8 @@ def translate(
         fn_constructor_kwargs={
             "weights": [weights],  # in a list, so that the actor fetches it itself
             "out_uri": output_uri,
-            "base": inputs.base,
+            # Ray Data reports each file's path as the filesystem normalises it.
+            "base": inputs.filesystem.normalize_path(inputs.base),
             "load_size": load_size,
             "fmt": fmt,
             "threads": max(1, int(cpus)),

@@ -31,6 +31,7 @@ from cyclegan.train_step import (
 from cyclegan.transforms import image_grid, to_input
 from pipeline.config import Config, from_dict
 from pipeline.data import UnpairedBatches, load_samples
+from pipeline.evaluate import paired_scores
 from pipeline.tracking import MlflowSink, NullSink
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -165,6 +166,8 @@ def train_loop(loop_config: dict) -> None:
             f"precision {dtype or torch.float32}, device {device}",
         )
 
+    data_uri, paired = loop_config["data_uri"], loop_config.get("paired", False)
+    last_eval: dict[str, float] = {}
     images_per_step = world * cfg.data.batch_size
     t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
     t_start, step_start = time.perf_counter(), step
@@ -238,9 +241,21 @@ def train_loop(loop_config: dict) -> None:
             )
             sink.log_image(grid, "samples", step)
 
-        if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step:
+        eval_due = paired and (
+            step == last_step
+            or (epoch_end if not cfg.train.eval_every else step % cfg.train.eval_every == 0)
+        )
+        if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step or eval_due:
+            metrics = {"step": step, "epoch": epoch, **losses}
             ckpt = None
             if rank == 0:
+                if eval_due or (paired and not last_eval):
+                    scores = paired_scores(
+                        nets.G_A, nets.G_B, data_uri, cfg.data.crop_size, cfg.train.eval_limit
+                    )
+                    last_eval = {f"eval/{k}": v for k, v in scores.items()}
+                    sink.log_metrics(last_eval, step)
+                metrics.update(last_eval)
                 ckpt = make_checkpoint(
                     step=step,
                     epoch=epoch,
@@ -251,5 +266,5 @@ def train_loop(loop_config: dict) -> None:
                     pools=pools,
                     mlflow_run_id=run_id,
                 )
-            _report({"step": step, "epoch": epoch, **losses}, ckpt)
+            _report(metrics, ckpt)
     sink.close()

@@ -101,6 +101,10 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
     ):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) >= 3 and steps == sorted(steps), key
+    # The paired test split is scored during training (photo->labels, labels->photo).
+    evals = client.get_metric_history(run.info.run_id, "eval/per_pixel_acc")
+    assert evals and all(0 <= m.value <= 1 for m in evals)
+    assert client.get_metric_history(run.info.run_id, "eval/l1_AtoB")
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     sample_steps = {p.split("+step+")[1].split("+")[0] for p in images if p.endswith(".png")}
     assert len(sample_steps) >= 2

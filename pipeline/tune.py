@@ -1,0 +1,405 @@
+"""Search CycleGAN hyperparameters with Ray Tune; every trial is a real training run.
+
+    python -m pipeline.tune --preset demo --num-samples 8
+    python -m pipeline.tune --preset demo --space loss.lambda_cyc=loguniform:1:30 \\
+        --space loss.pool_size=choice:0,10,50,100 --space optim.lr=loguniform:5e-5:5e-4
+    python -m pipeline.tune --preset paper128 --data s3://bucket/cityscapes --num-workers 2 --gpu
+    python -m pipeline.tune --resume SWEEP          # continue an interrupted sweep
+    python -m pipeline.train --config runs/tune/SWEEP/best_config.yaml   # train the winner
+
+Each trial runs the same pipeline as ``pipeline.train`` (same data path, step, checkpoints,
+MLflow logging, as a child run of the sweep's MLflow run) and reports the evaluation on the
+paired test split (``eval/class_iou`` of photo->labels by default). ASHA stops weak trials early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import yaml
+
+from pipeline import config as C
+from pipeline.config import Config
+from pipeline.train import build_config, new_run_name, run_dir_exists
+
+SWEEP_INFO = "sweep.json"
+DEFAULT_SPACE = ("loss.lambda_cyc=loguniform:1:30", "loss.pool_size=choice:0,10,50,100")
+VIRTUAL_KEYS = {"loss.lambda_cyc": ("loss.lambda_A", "loss.lambda_B")}
+
+
+def parse_space(items: list[str]) -> dict:
+    """``KEY=KIND:ARGS`` items as a Tune param space. Kinds: ``loguniform:LO:HI``,
+    ``uniform:LO:HI``, ``randint:LO:HI``, ``choice:V1,V2,...``, ``grid:V1,V2,...``.
+    ``loss.lambda_cyc`` sets both cycle weights."""
+    from ray import tune
+
+    space = {}
+    for item in items:
+        key, sep, spec = item.partition("=")
+        kind, _, args = spec.partition(":")
+        if not sep or not kind:
+            raise ValueError(f"--space {item!r}: expected section.field=kind:args")
+        _check_key(key)
+        try:
+            if kind in ("loguniform", "uniform", "randint"):
+                lo, hi = (float(x) for x in args.split(":"))
+                fn = {"loguniform": tune.loguniform, "uniform": tune.uniform}.get(kind)
+                space[key] = fn(lo, hi) if fn else tune.randint(int(lo), int(hi))
+            elif kind in ("choice", "grid"):
+                values = [yaml.safe_load(v) for v in args.split(",") if v.strip()]
+                if not values:
+                    raise ValueError("no values")
+                space[key] = tune.choice(values) if kind == "choice" else tune.grid_search(values)
+            else:
+                raise ValueError(
+                    f"unknown kind {kind!r} (loguniform, uniform, randint, choice, grid)"
+                )
+        except ValueError as exc:
+            raise ValueError(f"--space {item!r}: {exc}") from None
+    return space
+
+
+def _check_key(key: str) -> None:
+    if key in VIRTUAL_KEYS:
+        return
+    section, _, name = key.partition(".")
+    C.merge(C.tiny(), {section: {}})  # raises naming the valid sections
+    valid = C._field_types(type(getattr(C.tiny(), section)))
+    if name not in valid:
+        raise ValueError(
+            f"--space: unknown key {key}; valid keys of {section}: {', '.join(sorted(valid))}"
+        )
+
+
+def apply_params(base: dict, params: dict) -> Config:
+    """The base config tree with one trial's sampled values."""
+    tree = copy.deepcopy(base)
+    for key, value in params.items():
+        for target in VIRTUAL_KEYS.get(key, (key,)):
+            section, _, name = target.partition(".")
+            tree.setdefault(section, {})[name] = value
+    return C.from_dict(tree)
+
+
+def trial_fn(config: dict) -> None:
+    """One trial: a full training run whose reports feed Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train import run
+
+    cfg = apply_params(config["base"], config["params"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = f"{config['sweep']}-{trial_id}"
+    # A restored sweep re-runs unfinished trials: continue their training runs.
+    resume = run_dir_exists(cfg, name)
+    cfg = C.merge(cfg, {"storage": {"name": name, "resume": resume}})
+    run(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"])
+
+
+def _storage_paths(cfg: Config, sweep: str) -> tuple[dict, str]:
+    from pipeline.storage import is_remote, join, resolve
+
+    root = join(cfg.storage.resolved_uri(), "tune")
+    fs, path = resolve(root)
+    if is_remote(root):
+        return {"storage_path": path, "storage_filesystem": fs}, join(root, sweep)
+    os.makedirs(path, exist_ok=True)
+    return {"storage_path": os.path.abspath(path)}, os.path.join(os.path.abspath(path), sweep)
+
+
+def _write(uri: str, name: str, text: str) -> None:
+    from pipeline.storage import join, resolve
+
+    fs, path = resolve(join(uri, name))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _exists(uri: str, name: str) -> bool:
+    import pyarrow.fs as pafs
+
+    from pipeline.storage import join, resolve
+
+    fs, path = resolve(join(uri, name))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _read(uri: str, name: str) -> str:
+    from pipeline.storage import join, resolve
+
+    fs, path = resolve(join(uri, name))
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.tune",
+        description="Hyperparameter search over training runs with Ray Tune.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)}")
+    p.add_argument("--config", help="base config file (YAML/JSON)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=KIND:ARGS",
+        help=f"a searched field (repeatable; default: {' '.join(DEFAULT_SPACE)})",
+    )
+    p.add_argument("--data", help="dataset root")
+    p.add_argument("--storage", help="where sweeps and trial runs go")
+    p.add_argument("--num-workers", type=int, help="training workers per trial")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", action="store_true")
+    dev.add_argument("--cpu", action="store_true")
+    p.add_argument("--max-steps", type=int, help="steps per trial")
+    p.add_argument("--epochs", type=int, help="epochs at constant lr per trial")
+    p.add_argument("--num-samples", type=int, default=4, help="trials (per grid point)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument("--grace-period", type=int, default=2, help="ASHA: reports before a stop")
+    p.add_argument("--metric", default="eval/class_iou", help="reported metric to optimise")
+    p.add_argument("--mode", choices=("max", "min"), default="max")
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
+    p.add_argument("--name", help="sweep name (default tune-DATE-TIME-XXXX)")
+    p.add_argument("--resume", metavar="SWEEP", help="continue an interrupted sweep")
+    p.add_argument("--address", help="Ray cluster address")
+    return p
+
+
+def _train_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The subset of flags pipeline.train's config builder understands."""
+    ns = argparse.Namespace(
+        **{
+            k: None
+            for k in (
+                "data",
+                "storage",
+                "num_workers",
+                "name",
+                "resume",
+                "max_steps",
+                "register",
+                "address",
+                "epochs",
+            )
+        }
+    )
+    ns.preset, ns.config, ns.set, ns.gpu, ns.cpu = (
+        args.preset,
+        args.config,
+        args.set,
+        args.gpu,
+        args.cpu,
+    )
+    for key in ("data", "storage", "num_workers", "max_steps", "address", "epochs"):
+        setattr(ns, key, getattr(args, key))
+    return ns
+
+
+def connect(cfg: Config, max_concurrent: int) -> bool:
+    import ray
+
+    from pipeline.train import worker_env
+
+    if ray.is_initialized():
+        return False
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    env = worker_env(cfg)
+    if address:
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return False
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU
+    ray.init(
+        num_cpus=(os.cpu_count() or 1) + math.ceil(max_concurrent * per_trial),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": env},
+    )
+    return True
+
+
+TRIAL_CPU = 0.1  # the trial's own driver only orchestrates its TorchTrainer
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    import ray
+    from ray import tune
+
+    from pipeline import tracking
+    from pipeline.data import check_dataset
+    from pipeline.shards import read_manifest
+
+    name = args.resume or args.name or new_run_name(C.tiny()).replace("tiny", "tune", 1)
+    cfg = build_config(_train_args(args))
+    storage_kwargs, sweep_uri = _storage_paths(cfg, name)
+    if args.resume:
+        try:
+            info = json.loads(_read(sweep_uri, SWEEP_INFO))
+        except FileNotFoundError:
+            raise ValueError(f"--resume {name}: no sweep at {sweep_uri}") from None
+        cfg = C.from_dict(info["base"])
+    else:
+        if _exists(sweep_uri, SWEEP_INFO):
+            raise ValueError(f"--name {name}: a sweep of that name exists; use --resume {name}")
+        parse_space(args.space or list(DEFAULT_SPACE))  # bad spaces fail before anything else
+        manifest = read_manifest(cfg.data.resolved_uri())
+        check_dataset(manifest, cfg.data)
+        if args.metric.startswith("eval/") and not manifest.paired_test:
+            raise ValueError(
+                f"--metric {args.metric}: the dataset {cfg.data.resolved_uri()} has no paired "
+                "test split to evaluate on; choose a metric the trials report"
+            )
+        info = {
+            "base": cfg.to_dict(),
+            "space": args.space or list(DEFAULT_SPACE),
+            "metric": args.metric,
+            "mode": args.mode,
+            "parent_run_id": tracking.start_run(cfg, name, {"sweep": name, "kind": "tune"}),
+        }
+        _write(sweep_uri, SWEEP_INFO, json.dumps(info, indent=2))
+    space = parse_space(info["space"])
+    metric, mode, parent = info["metric"], info["mode"], info["parent_run_id"]
+    print(f"[tune] sweep {name} at {sweep_uri}; MLflow parent run {parent}", flush=True)
+
+    started = connect(cfg, args.max_concurrent)
+    try:
+        trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPU})
+        param_space = {
+            "base": cfg.to_dict(),
+            "params": space,
+            "sweep": name,
+            "parent_run_id": parent,
+        }
+        if args.resume:
+            tuner = tune.Tuner.restore(
+                sweep_uri, trainable, resume_errored=True, param_space=param_space
+            )
+        else:
+            scheduler = (
+                tune.schedulers.ASHAScheduler(
+                    time_attr="training_iteration",
+                    grace_period=args.grace_period,
+                    reduction_factor=2,
+                    max_t=10**6,
+                )
+                if args.scheduler == "asha"
+                else None
+            )
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=metric,
+                    mode=mode,
+                    scheduler=scheduler,
+                    num_samples=args.num_samples,
+                    max_concurrent_trials=args.max_concurrent,
+                ),
+                run_config=tune.RunConfig(name=name, **storage_kwargs),
+            )
+        results = tuner.fit()
+        return summarize(cfg, results, name, sweep_uri, metric, mode, parent)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def summarize(
+    cfg: Config, results, name: str, sweep_uri: str, metric: str, mode: str, parent: str
+) -> dict:
+    """Print the table, write the best config, log both to the sweep's MLflow run."""
+    from pipeline import tracking
+
+    rows = []
+    for r in results:
+        params = (r.config or {}).get("params", {})
+        rows.append(
+            {
+                "trial": (r.metrics or {}).get("trial_id", "?"),
+                **{k: params.get(k) for k in sorted(params)},
+                metric: (r.metrics or {}).get(metric),
+                "steps": (r.metrics or {}).get("step"),
+                "status": "error" if r.error else "ok",
+            }
+        )
+    ok = [r for r in results if r.metrics and r.metrics.get(metric) is not None]
+    if not ok:
+        tracking.finish_run(cfg, parent, "FAILED")
+        raise RuntimeError(f"no trial of sweep {name} reported {metric}")
+    best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    best_params = best.config["params"]
+    best_cfg = apply_params(best.config["base"], best_params)
+    tree = best_cfg.to_dict()
+    tree["storage"].update(name="", resume=False)  # a new run, not the trial's
+    best_yaml = yaml.safe_dump(tree, sort_keys=False)
+    trial_run = f"{name}-{best.metrics.get('trial_id')}"
+    table = _table(rows)
+    _write(sweep_uri, "best_config.yaml", best_yaml)
+    _write(sweep_uri, "results.md", table)
+    summary = {
+        "sweep": name,
+        "metric": metric,
+        "mode": mode,
+        "best_value": best.metrics[metric],
+        "best_params": best_params,
+        "best_config": f"{sweep_uri}/best_config.yaml",
+        "best_run": f"{cfg.storage.resolved_uri().rstrip('/')}/{trial_run}",
+        "trials": len(rows),
+    }
+    try:
+        client = tracking._client(cfg)
+        client.log_text(parent, table, "results.md")
+        client.log_text(parent, best_yaml, "best_config.yaml")
+        client.log_metric(parent, f"best/{metric}", float(best.metrics[metric]))
+        for key, value in best_params.items():
+            client.set_tag(parent, f"best.{key}", str(value))
+    except Exception as exc:  # the sweep's results are on disk either way
+        print(f"[tune] could not log results to MLflow: {exc}", file=sys.stderr)
+    tracking.finish_run(cfg, parent, "FINISHED")
+    print(table)
+    print(f"[tune] best {metric} = {summary['best_value']:.4f} with {best_params}")
+    print(f"[tune] best config: {summary['best_config']}")
+    print(f"[tune] best trial's checkpoints: {summary['best_run']}")
+    return summary
+
+
+def _table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.shards import DatasetError
+    from pipeline.storage import StorageError
+
+    started = time.time()
+    try:
+        summary = sweep(args)
+    except (ValueError, DatasetError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[tune] {summary['trials']} trials in {time.time() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
