@@ -6,6 +6,7 @@ schedulers: {G, D}, pools: {fake_A, fake_B}, rng, mlflow_run_id}``
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -95,21 +96,36 @@ def restore_checkpoint(
     return ckpt["step"], ckpt["epoch"]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
-    """Write ``ckpt`` atomically: a reader never sees a half-written file at ``path``."""
+    """Write ``ckpt`` atomically, with a ``.sha256`` file beside it: a reader never sees a
+    half-written file at ``path``, and a file altered later fails its checksum on load."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
+    digest = _sha256(tmp)
     os.replace(tmp, path)
+    path.with_name(path.name + ".sha256").write_text(digest + "\n")
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint dict with ``weights_only=True``; a clear error names a bad file."""
+    """Load a checkpoint dict with ``weights_only=True``; a clear error names a bad file
+    (missing, truncated, not a checkpoint, or not matching its ``.sha256`` file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    checksum = path.with_name(path.name + ".sha256")
+    if checksum.is_file() and checksum.read_text().strip() != _sha256(path):
+        raise ValueError(f"checkpoint {path} does not match its checksum {checksum.name}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files

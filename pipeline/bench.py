@@ -59,7 +59,7 @@ GPU_BF16_PEAK_TFLOPS = (
 
 # (warm-up steps, timed rounds, steps per round) per preset: a few minutes on 2 CPU cores.
 STEP_REPEATS = {"tiny": (1, 3, 5), "demo": (2, 7, 5), "paper128": (1, 5, 2), "paper": (1, 5, 2)}
-COMPILE_WARMUP = 3  # G and D see two batch shapes and two requires_grad states: recompiles
+COMPILE_WARMUP = 6  # G and D see two batch shapes and two requires_grad states: recompiles
 
 
 @dataclass(frozen=True)

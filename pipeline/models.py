@@ -17,12 +17,12 @@ Training checkpoints hold both generators: G_A maps A to B (``AtoB``), G_B maps 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import posixpath
 import re
 import tempfile
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
@@ -131,21 +131,53 @@ def _load_bytes(data: bytes, where: str) -> dict:
         raise ModelSourceError(f"{where}: cannot be loaded as a PyTorch file: {exc}") from None
 
 
-def _load_file(fs: pafs.FileSystem, path: str, where: str, mmap: bool = False) -> dict:
-    """A ``torch.save`` file (weights only). Local files may be memory-mapped, which reads
-    only the pickle until a tensor is touched (cheap when only the step is needed)."""
+def _check_digest(fs: pafs.FileSystem, path: str, where: str, data: bytes | None) -> None:
+    """Compare the file with the ``.sha256`` file that save_checkpoint writes beside it, where
+    there is one (older checkpoints and official files have none)."""
+    sidecar = path + ".sha256"
+    if _info_type(fs, sidecar, where) != pafs.FileType.File:
+        return
+    digest = hashlib.sha256()
+    try:
+        with fs.open_input_stream(sidecar) as stream:
+            expected = stream.read().decode().strip()
+        if data is not None:
+            digest.update(data)
+        else:
+            with fs.open_input_stream(path) as stream:
+                while chunk := stream.read(1 << 22):
+                    digest.update(chunk)
+    except Exception as exc:
+        raise ModelSourceError(str(storage.wrap_error(where, exc, "read"))) from None
+    if digest.hexdigest() != expected:
+        raise ModelSourceError(
+            f"{where}: does not match its checksum file {posixpath.basename(sidecar)} "
+            "(changed or partly copied after it was saved)"
+        )
+
+
+def _load_file(
+    fs: pafs.FileSystem, path: str, where: str, mmap: bool = False, verify: bool = True
+) -> dict:
+    """A ``torch.save`` file (weights only), checked against its ``.sha256`` file when
+    ``verify``. Local files may be memory-mapped, which reads only the pickle until a tensor is
+    touched (cheap when only the step is needed)."""
     if isinstance(fs, pafs.LocalFileSystem):
+        if verify:
+            _check_digest(fs, path, where, None)
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             if mmap:  # files from old torch versions cannot be mapped; read them whole
-                return _load_file(fs, path, where, mmap=False)
+                return _load_file(fs, path, where, mmap=False, verify=False)
             raise ModelSourceError(f"{where}: cannot be loaded as a PyTorch file: {exc}") from None
     try:
         with fs.open_input_stream(path) as stream:
             data = stream.read()
     except Exception as exc:
         raise ModelSourceError(str(storage.wrap_error(where, exc, "read"))) from None
+    if verify:
+        _check_digest(fs, path, where, data)
     return _load_bytes(data, where)
 
 
@@ -173,7 +205,7 @@ def _newest_checkpoint(fs: pafs.FileSystem, folder: str, where: str) -> tuple[st
         if _info_type(fs, path, where) != pafs.FileType.File:
             continue  # a checkpoint folder still being written, or emptied by a failure
         where_file = storage.join(where, posixpath.basename(sub), CHECKPOINT_FILE)
-        ckpt = _load_file(fs, path, where_file, mmap=True)
+        ckpt = _load_file(fs, path, where_file, mmap=True, verify=False)
         step = int(ckpt.get("step", -1)) if isinstance(ckpt, dict) else -1
         # Equal steps: the later folder name (Ray names them by time) wins.
         if best is None or step >= best[0]:
@@ -290,6 +322,7 @@ def _load_stored(
         else:
             path, state = _newest_checkpoint(fs, path, where)
             where = storage.join(where, *path.split("/")[-2:])
+            _check_digest(fs, path, where, None)  # the step probe read only the pickle
     else:
         state = _load_file(fs, path, where)
     if isinstance(state, dict) and "nets" in state:
@@ -465,7 +498,7 @@ def arch_from_flags(ngf: int | None, n_blocks: int | None, norm: str | None) -> 
     )
 
 
-def add_model_flags(parser, direction_default: str | None = "AtoB") -> None:
+def add_model_flags(parser) -> None:
     """The flags every CLI that loads a generator shares."""
     parser.add_argument(
         "--model",
@@ -480,11 +513,3 @@ def add_model_flags(parser, direction_default: str | None = "AtoB") -> None:
     arch.add_argument("--ngf", type=int, help="filters of the first conv (paper: 64)")
     arch.add_argument("--n-blocks", type=int, help="residual blocks (paper: 9 at 256 px)")
     arch.add_argument("--norm", choices=("instance", "batch", "none"), help="normalisation")
-
-
-def resolved_path(info: dict) -> str:
-    """Where the loaded weights came from, absolute for local files (for other processes)."""
-    path = info["path"]
-    if info["kind"] == "mlflow" or storage.is_remote(path):
-        return path
-    return str(Path(path).resolve())

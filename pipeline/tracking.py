@@ -111,6 +111,10 @@ class MlflowSink(NullSink):
     """Logs to one MLflow run; reports the first failure, then keeps trying quietly."""
 
     def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False):
+        # Fail fast when the server is away (the defaults retry for minutes and would stall
+        # the training loop that calls this sink).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.failures = 0

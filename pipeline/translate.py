@@ -34,6 +34,7 @@ import logging
 import posixpath
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,7 @@ from pipeline.images import BadImage, decode_image, encode_image
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("png", "same", "jpeg", "webp")
+OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
 SAME_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 EXTENSION = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
@@ -280,7 +281,7 @@ def translate(
     """Translate every input image and write it under ``output_uri``; Ray must be connected.
 
     Returns ``{"keys": [output keys], "images": n, "failed": [{"key", "reason"}], "seconds",
-    "images_per_s", "actors", "gpus_per_actor"}``.
+    "images_per_s", "actors", "gpus_per_actor", "sizes": {output key: (width, height)}}``.
     """
     import ray
 
@@ -292,7 +293,7 @@ def translate(
         raise ValueError(f"--load-size: must be >= 4, got {load_size}")
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    net, cfg, info = load_generator(source, direction, storage=storage_uri, arch=arch)
+    net, cfg, _ = load_generator(source, direction, storage=storage_uri, arch=arch)
     inputs = list_inputs(input_uri, direction, split)
     outputs = [output_key(k, fmt)[0] for k in inputs.keys]
     if len(set(outputs)) != len(outputs):
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelSourceError, ValueError, DatasetError, storage.StorageError) as exc:
         print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a failed actor or task: the traceback says where
+        print(storage.redact(traceback.format_exc()), file=sys.stderr)
+        print(f"error: translation failed: {storage.redact(str(exc))}", file=sys.stderr)
+        return 1
     finally:
         if started_here:
             ray.shutdown()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -99,6 +101,41 @@ def _wrap(nets: CycleGANNets, cfg: Config, world_size: int) -> CycleGANNets:
     return CycleGANNets(**wrapped)
 
 
+def _load(checkpoint: ray.train.Checkpoint, device: torch.device) -> dict:
+    with checkpoint.as_directory() as d:
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+
+
+def load_resume_state(latest: ray.train.Checkpoint, device: torch.device) -> dict:
+    """The newest loadable checkpoint of the run: the one Ray hands over or, when that one is
+    truncated or altered, the newest older one in the same run folder."""
+    try:
+        return _load(latest, device)
+    except (ValueError, FileNotFoundError) as exc:
+        say(f"[train] latest checkpoint is unusable: {exc}; trying older checkpoints")
+    fs = latest.filesystem
+    run_dir = posixpath.dirname(latest.path.rstrip("/"))
+    older = sorted(
+        (
+            info.path
+            for info in fs.get_file_info(pafs.FileSelector(run_dir))
+            if info.type == pafs.FileType.Directory
+            and info.base_name.startswith("checkpoint_")
+            and info.path.rstrip("/") != latest.path.rstrip("/")
+        ),
+        reverse=True,  # names carry the creation time
+    )
+    for path in older:
+        try:
+            state = _load(ray.train.Checkpoint(path, filesystem=fs), device)
+        except (ValueError, FileNotFoundError) as exc:
+            say(f"[train] checkpoint {path} is unusable too: {exc}")
+            continue
+        say(f"[train] resuming from {path} (step {state['step']})")
+        return state
+    raise RuntimeError(f"no loadable checkpoint in {run_dir}")
+
+
 def _report(metrics: dict, ckpt: dict | None) -> None:
     """A barrier on every rank; only rank 0 passes the checkpoint."""
     if ckpt is None:
@@ -129,8 +166,7 @@ def train_loop(loop_config: dict) -> None:
     step = epoch = 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+        state = load_resume_state(resumed, device)
         step, epoch = restore_checkpoint(state, nets, opts, scheds, pools, device)
     torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * step)
     nets = _wrap(nets, cfg, world)

@@ -167,7 +167,7 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     state = make_state(seed=0)
     save_checkpoint(checkpoint_of(state, step=1), target)
     save_checkpoint(checkpoint_of(state, step=2), target)
-    assert [p.name for p in target.parent.iterdir()] == ["latest.pt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["latest.pt", "latest.pt.sha256"]
     assert load_checkpoint(target)["step"] == 2
 
 
@@ -211,3 +211,14 @@ def test_training_checkpoint_is_not_an_official_generator(tmp_path):
     path = save_checkpoint(checkpoint_of(make_state(seed=0), step=0), tmp_path / "train.pt")
     with pytest.raises(ValueError, match="train.pt"):
         load_official_generator(path, MODEL)
+
+
+def test_altered_checkpoint_fails_its_checksum(tmp_path):
+    target = tmp_path / "ck.pt"
+    save_checkpoint(checkpoint_of(make_state(seed=0), step=1), target)
+    load_checkpoint(target)  # intact
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same length
+    target.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        load_checkpoint(target)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cyclegan.checkpoint import save_checkpoint
 from cyclegan.networks import ResnetGenerator
 from cyclegan.transforms import to_input
 from pipeline.evaluate import evaluate, main, paired_scores, read_pairs
@@ -182,7 +183,7 @@ def test_cli_writes_the_report_and_logs_to_the_run(scenes, tmp_path):
     ckpt_path = home / "checkpoints" / "evalrun" / "checkpoint_000" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     ckpt["mlflow_run_id"] = run_id
-    torch.save(ckpt, ckpt_path)
+    save_checkpoint(ckpt, ckpt_path)
     out = tmp_path / "report"
     env = {**os.environ, "CYCLEGAN_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -175,6 +176,18 @@ def test_bad_sources_say_what_is_wrong(tmp_path):
         load_generator(str(tmp_path / "checkpoints" / "alpha"), "AtoC")
 
 
+def test_a_checkpoint_that_changed_after_saving_is_refused(tmp_path):
+    write_run(tmp_path, "RUN", {"checkpoint_000": 1, "checkpoint_001": 2})
+    path = tmp_path / "RUN" / "checkpoint_001" / "checkpoint.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    Path(f"{path}.sha256").write_text(digest + "\n")
+    assert load_generator(tmp_path / "RUN")[2]["step"] == 2
+    torch.save(make_tiny_checkpoint(2, seed=7), path)  # the checksum file still names the old
+    for source in (tmp_path / "RUN", path):
+        with pytest.raises(ModelSourceError, match="does not match its checksum"):
+            load_generator(source)
+
+
 def test_mlflow_sources(tmp_path):
     import mlflow
     import numpy as np
@@ -212,10 +225,17 @@ def test_mlflow_sources(tmp_path):
         load_generator(f"runs:/{rid}/generator_BtoA", "AtoB", tracking_uri=uri)
     with pytest.raises(ModelSourceError, match="runs:/0123456789abcdef"):
         load_generator("runs:/0123456789abcdef/generator_AtoB", tracking_uri=uri)
+    version = mlflow.register_model(f"models:/{model_ids['AtoB']}", "tiny-AtoB").version
+    mlflow.MlflowClient(tracking_uri=uri).set_registered_model_alias(
+        "tiny-AtoB", "champion", version
+    )
+    check("models:/tiny-AtoB@champion", "AtoB", "AtoB")
+    check(f"models:/tiny-AtoB/{version}", "AtoB", "AtoB")
     # One generator's URI names the pair: evaluation gets both.
-    nets, _, _ = load_generators(f"runs:/{rid}/generator_AtoB", tracking_uri=uri)
-    assert set(nets) == {"AtoB", "BtoA"}
-    assert same_weights(nets["BtoA"], gens["BtoA"].state_dict())
+    for source in (f"runs:/{rid}/generator_AtoB", "models:/tiny-AtoB@champion"):
+        nets, _, _ = load_generators(source, tracking_uri=uri)
+        assert set(nets) == {"AtoB", "BtoA"}
+        assert same_weights(nets["BtoA"], gens["BtoA"].state_dict())
 
 
 # export
