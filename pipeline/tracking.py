@@ -94,6 +94,12 @@ def finish_run(cfg: Config, run_id: str, status: str) -> None:
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
 
+def _warn(message: str) -> None:
+    # Written directly: Ray Train's patched print would show the line twice.
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 class NullSink:
     """The sink of every rank but 0, and of unit tests."""
 
@@ -136,14 +142,11 @@ class MlflowSink(NullSink):
         try:
             fn(*args, **kwargs)
             if self.failures:
-                print(
-                    f"[tracking] MLflow reachable again after {self.failures} failed writes",
-                    file=sys.stderr,
-                )
+                _warn(f"[tracking] MLflow reachable again after {self.failures} failed writes")
                 self.failures = 0
         except Exception as exc:
             if self.failures == 0:
-                print(f"[tracking] MLflow {what} failed, training goes on: {exc}", file=sys.stderr)
+                _warn(f"[tracking] MLflow {what} failed, training goes on: {exc}")
             self.failures += 1
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
