@@ -318,8 +318,8 @@ def translate(
     weights = ray.put(payload)
     if inputs.kind == "shards":
         ds = ray.data.read_parquet(
-            inputs.paths, filesystem=inputs.filesystem, columns=["key", "image"], num_cpus=0.25
-        )
+            inputs.paths, filesystem=inputs.filesystem, num_cpus=0.25
+        ).select_columns(["key", "image"])
     else:
         ds = ray.data.read_binary_files(
             inputs.paths, filesystem=inputs.filesystem, include_paths=True, num_cpus=0.25
