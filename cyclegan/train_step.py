@@ -155,24 +155,13 @@ def train_step(
         + loss_idt_A
         + loss_idt_B
     )
+    g_losses = [loss_G_A, loss_G_B, loss_cycle_A, loss_cycle_B, loss_idt_A, loss_idt_B, loss_G]
     opts.G.zero_grad(set_to_none=True)
     if skip_nonfinite and not torch.isfinite(loss_G):
         # Skip the whole iteration: non-finite fakes must not enter the pools either.
         _set_requires_grad((nets.D_A, nets.D_B), True)
         nan = torch.full((), float("nan"), device=real_A.device)
-        return _as_floats(
-            [
-                loss_G_A,
-                loss_G_B,
-                loss_cycle_A,
-                loss_cycle_B,
-                loss_idt_A,
-                loss_idt_B,
-                loss_G,
-                nan,
-                nan,
-            ]
-        )
+        return _as_floats([*g_losses, nan, nan])
     loss_G.backward()
     opts.G.step()
 
@@ -200,19 +189,7 @@ def train_step(
         loss_D.backward()
         opts.D.step()
 
-    return _as_floats(
-        [
-            loss_G_A,
-            loss_G_B,
-            loss_cycle_A,
-            loss_cycle_B,
-            loss_idt_A,
-            loss_idt_B,
-            loss_G,
-            loss_D_A,
-            loss_D_B,
-        ]
-    )
+    return _as_floats([*g_losses, loss_D_A, loss_D_B])
 
 
 def _as_floats(losses: list[torch.Tensor]) -> dict[str, float]:

@@ -26,6 +26,23 @@ from pipeline.config import Config
 RUN_INFO = "cyclegan_run.json"
 
 
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that build a run's config (shared with pipeline.tune)."""
+    p.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)} (default demo)")
+    p.add_argument("--config", help="YAML or JSON file with the same tree as the resolved config")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one field (repeatable)")  # fmt: skip
+    p.add_argument("--data", help="dataset root (local folder, s3://, gs://)")
+    p.add_argument("--storage", help="where run folders and checkpoints go (local, s3://, gs://)")
+    p.add_argument("--num-workers", type=int, help="training workers (DDP ranks) per run")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    dev.add_argument("--cpu", action="store_true", help="train on CPUs even if GPUs exist")
+    p.add_argument("--epochs", type=int, help="epochs at constant lr (decay epochs keep the ratio)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.train",
@@ -33,31 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)} (default demo)")
-    p.add_argument("--config", help="YAML or JSON file with the same tree as the resolved config")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one field (repeatable)",
-    )
-    p.add_argument("--data", help="dataset root (local folder, s3://, gs://)")
-    p.add_argument("--storage", help="where run folders and checkpoints go (local, s3://, gs://)")
-    p.add_argument("--num-workers", type=int, help="training workers (DDP ranks)")
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    dev.add_argument("--cpu", action="store_true", help="train on CPUs even if GPUs exist")
+    add_config_flags(p)
     p.add_argument("--name", help="name of a new run (default: PRESET-DATE-TIME-XXXX)")
     p.add_argument(
         "--resume", metavar="NAME", help="continue the run NAME from its latest checkpoint"
     )
-    p.add_argument("--epochs", type=int, help="epochs at constant lr (decay epochs keep the ratio)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument(
         "--register", metavar="MODEL", help="register the generators as MODEL-AtoB/-BtoA"
     )
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
     return p
 
 

@@ -26,7 +26,7 @@ import yaml
 
 from pipeline import config as C
 from pipeline.config import Config
-from pipeline.train import build_config, new_run_name, run_dir_exists
+from pipeline.train import add_config_flags, build_config, new_run_name, run_dir_exists
 
 SWEEP_INFO = "sweep.json"
 DEFAULT_SPACE = ("loss.lambda_cyc=loguniform:1:30", "loss.pool_size=choice:0,10,50,100")
@@ -147,24 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)}")
-    p.add_argument("--config", help="base config file (YAML/JSON)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    p.add_argument(
-        "--space",
-        action="append",
-        default=[],
-        metavar="KEY=KIND:ARGS",
-        help=f"a searched field (repeatable; default: {' '.join(DEFAULT_SPACE)})",
-    )
-    p.add_argument("--data", help="dataset root")
-    p.add_argument("--storage", help="where sweeps and trial runs go")
-    p.add_argument("--num-workers", type=int, help="training workers per trial")
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true")
-    dev.add_argument("--cpu", action="store_true")
-    p.add_argument("--max-steps", type=int, help="steps per trial")
-    p.add_argument("--epochs", type=int, help="epochs at constant lr per trial")
+    add_config_flags(p)
+    p.add_argument("--space", action="append", default=[], metavar="KEY=KIND:ARGS",
+                   help=f"a searched field (repeatable; default: {' '.join(DEFAULT_SPACE)})")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=4, help="trials (per grid point)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: reports before a stop")
@@ -173,38 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     p.add_argument("--name", help="sweep name (default tune-DATE-TIME-XXXX)")
     p.add_argument("--resume", metavar="SWEEP", help="continue an interrupted sweep")
-    p.add_argument("--address", help="Ray cluster address")
     return p
 
 
 def _train_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The subset of flags pipeline.train's config builder understands."""
-    ns = argparse.Namespace(
-        **{
-            k: None
-            for k in (
-                "data",
-                "storage",
-                "num_workers",
-                "name",
-                "resume",
-                "max_steps",
-                "register",
-                "address",
-                "epochs",
-            )
-        }
-    )
-    ns.preset, ns.config, ns.set, ns.gpu, ns.cpu = (
-        args.preset,
-        args.config,
-        args.set,
-        args.gpu,
-        args.cpu,
-    )
-    for key in ("data", "storage", "num_workers", "max_steps", "address", "epochs"):
-        setattr(ns, key, getattr(args, key))
-    return ns
+    """The flags as pipeline.train's config builder reads them (name and resume are the
+    sweep's, not a training run's)."""
+    return argparse.Namespace(**{**vars(args), "name": None, "resume": None, "register": None})
 
 
 def connect(cfg: Config, max_concurrent: int) -> bool:
