@@ -17,7 +17,8 @@ def resize_for_load(img: Image.Image, cfg: AugmentConfig) -> Image.Image:
     if cfg.preprocess == "scale_width_and_crop":
         w, h = img.size
         # Width becomes load_size; height keeps the aspect ratio but never drops below the crop.
-        new_h = int(max(cfg.load_size * h / w, cfg.crop_size))
+        # Capped at 4x the width: a 1x32768 strip must not become a multi-GB canvas.
+        new_h = int(min(max(cfg.load_size * h / w, cfg.crop_size), 4 * cfg.load_size))
         if (w, h) == (cfg.load_size, new_h):
             return img
         return img.resize((cfg.load_size, new_h), Image.BICUBIC)

@@ -17,6 +17,7 @@ Files that are truncated, not images, empty, absurdly large or decompression bom
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ READER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 PLAIN_MODES = ("RGB", "L")
 ENCODE_FORMATS = ("JPEG", "PNG", "WEBP")
 EXIF_ORIENTATION = 0x0112
+
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+"""Pillow formats accepted as images (those prepare reads, plus GIF)."""
 
 
 class BadImage(ValueError):
@@ -69,7 +74,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if mode == "F":
-        gray = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        # NaN has no 8-bit value (casting it is undefined and warns); it becomes black.
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -86,6 +93,21 @@ def _is_16_bit_png(data: bytes, fmt: str) -> bool:
     return fmt == "PNG" and len(data) > 24 and data[24] == 16
 
 
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height a PNG, GIF or BMP header declares, else None. Pillow refuses a 0-pixel
+    side as an unidentified file; this lets the reason say what is actually wrong."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 header: 16-bit sides
+            return struct.unpack("<HH", data[18:22])
+        width, height = struct.unpack("<ii", data[18:26])
+        return width, abs(height)  # a negative height means rows stored top-down
+    return None
+
+
 def decode(data: bytes, key: str, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     """Decode and validate ``data``; raise :class:`BadImage` naming ``key`` if it is unusable."""
     if not data:
@@ -93,7 +115,9 @@ def decode(data: bytes, key: str, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # Only raster formats we list: never hand a file to an external interpreter
+            # (EPS goes to Ghostscript) whatever its name says.
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         width, height = img.size
         if width <= 0 or height <= 0:
             raise BadImage(key, f"empty image ({width}x{height})")
@@ -122,6 +146,9 @@ def decode(data: bytes, key: str, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     except Image.DecompressionBombError as exc:
         raise BadImage(key, f"possible decompression bomb: {exc}") from None
     except UnidentifiedImageError:
+        size = _declared_size(data)
+        if size is not None and 0 in size:
+            raise BadImage(key, f"empty image ({size[0]}x{size[1]})") from None
         raise BadImage(key, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(key, f"truncated or corrupt: {exc}") from None

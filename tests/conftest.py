@@ -114,3 +114,19 @@ def s3_server_denying():
     server = S3Server(extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment, which
+    every later subprocess (the CLIs under test) would inherit; undo it after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

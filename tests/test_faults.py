@@ -29,6 +29,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 def test_killed_driver_resumes_in_the_same_run(ray_head, scenes, tmp_path):
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     args = [
         "--preset",
         "tiny",

@@ -79,6 +79,10 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
             "12",
             "--set",
             "train.checkpoint_every=4",
+            "--set",
+            "tracking.system_metrics=true",
+            "--register",
+            "e2e",
         ],
         tmp_path,
         ray_head.env,
@@ -131,6 +135,9 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
         )
     }
     assert set(models) == {"generator_AtoB", "generator_BtoA"}
+    registered = {m.name for m in client.search_registered_models()}
+    assert {"e2e-AtoB", "e2e-BtoA"} <= registered
+    assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
     net = mlflow.pytorch.load_model(models["generator_AtoB"].model_uri)
     with torch.no_grad():
         out = net(torch.zeros(1, 3, 32, 32))

@@ -19,7 +19,12 @@ def tune_cli(args, home, env):
     return subprocess.run(
         [sys.executable, "-m", "pipeline.tune", *args],
         cwd=REPO,
-        env={**os.environ, **env, "CYCLEGAN_HOME": str(home), "PYTHONUNBUFFERED": "1"},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+            **env,
+            "CYCLEGAN_HOME": str(home),
+            "PYTHONUNBUFFERED": "1",
+        },
         capture_output=True,
         text=True,
         timeout=600,
