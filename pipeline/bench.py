@@ -1,18 +1,22 @@
 """Benchmarks: the train step alone, the data path, and short training runs.
 
-    python -m pipeline.bench step --preset demo                      # every variant, compile too
-    python -m pipeline.bench step --preset paper --no-compile        # fp32/bf16/channels_last...
-    python -m pipeline.bench step --preset demo --variants fp32,bf16 --repeats 9 --json step.json
+    python -m pipeline.bench step --preset demo --no-compile --repeats 15   # about a minute
+    python -m pipeline.bench step --preset demo --variants fp32,bf16,compile,compile_bf16
+    python -m pipeline.bench step --preset paper --no-compile               # several minutes
+    python -m pipeline.bench step --preset paper --variants fp32,bf16 --threads 1 --json p.json
     python -m pipeline.bench data --load-size 286 --crop-size 256 --workers 1,2 --json data.json
     python -m pipeline.bench train --preset demo --max-steps 150 --workers 1,2 --json train.json
 
 ``step`` runs each variant (fp32, bf16 autocast, channels_last, torch.compile, ...) in its own
 process, so peak memory and compile caches are per variant; the parent times the variants in
 turn (A B C A B C ...), so a machine that gets busier or quieter mid-run shifts every variant
-alike, and each speedup is the median of per-round ratios against fp32 eager. ``images/s``
-counts one (A, B) pair as one image, as the training metric ``throughput/images_per_s`` does.
-FLOPs are those of the convolutions and matmuls of one whole train step, forward and backward,
-counted once with ``torch.utils.flop_counter.FlopCounterMode``.
+alike, and each speedup is the median of per-round ratios against fp32 eager. Each timing also
+records the share of the machine's CPU time other processes took meanwhile; on a shared machine
+multi-threaded steps slow down many times over when another process takes a core, so medians
+over quiet rounds are reported beside those over all rounds. ``images/s`` counts one (A, B)
+pair as one image, as the training metric ``throughput/images_per_s`` does. FLOPs are those of
+the convolutions and matmuls of one whole train step, forward and backward, counted once with
+``torch.utils.flop_counter.FlopCounterMode``.
 
 ``data`` and ``train`` start a local Ray: run them when no other Ray cluster runs on the host.
 """
@@ -330,10 +334,9 @@ def bench_step(args: argparse.Namespace) -> dict:
     warmup = args.warmup if args.warmup is not None else warmup
     repeats = args.repeats or repeats
     per_round = args.steps_per_repeat or per_round
-    names = args.variants.split(",") if args.variants else list(VARIANTS)
-    if args.no_compile:
-        names = [n for n in names if not VARIANTS[n].compile]
+    names = [n.strip() for n in args.variants.split(",")] if args.variants else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
+    names = [n for n in names if not (args.no_compile and n in VARIANTS and VARIANTS[n].compile)]
     if unknown or not names:
         raise ValueError(f"--variants: {unknown or 'none'}; choose from {', '.join(VARIANTS)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -759,7 +762,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                     "sample_every": max_steps,
                     "checkpoint_every": max_steps,
                 },
-                "scaling": {"num_workers": n},
+                "scaling": {"num_workers": n, "max_failures": 0},
                 "storage": {
                     "uri": os.path.join(home, "checkpoints"),
                     "name": f"bench-{args.preset}-{n}w-{time.strftime('%Y%m%d-%H%M%S')}-{r}",
