@@ -13,13 +13,14 @@ DASHBOARD_PORT ?= 8265
 UI_PORT ?= 5000
 ARGS ?=
 
-.PHONY: setup test test-fast lint format train data ui ray-up-local ray-down-local submit-demo clean help
+.PHONY: setup test test-fast lint format train data ui bench ray-up-local ray-down-local submit-demo clean help
 
 help:
 	@echo "make setup          create $(VENV) and install the project with its test tools"
 	@echo "make train          train the demo preset on the built-in scenes data (ARGS='...' adds flags)"
 	@echo "make test           run the whole test suite"
 	@echo "make lint           ruff lint + format check"
+	@echo "make bench          train-step benchmark of the demo preset (see README, Performance)"
 	@echo "make ui             MLflow UI on the local store, http://127.0.0.1:$(UI_PORT)"
 	@echo "make ray-up-local   start a local Ray head for 'ray job submit'"
 	@echo "make submit-demo    submit the demo training as a Ray job to the local head"
@@ -52,6 +53,9 @@ data: setup
 
 train: data
 	$(PY) -m pipeline.train --preset demo $(ARGS)
+
+bench: setup
+	$(PY) -m pipeline.bench step --preset demo --no-compile $(ARGS)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CYCLEGAN_HOME)/mlflow.db \

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
     )
     add_config_flags(p)
-    p.add_argument("--name", help="name of a new run (default: PRESET-DATE-TIME-XXXX)")
+    p.add_argument("--name", help="name of a new run (default: PRESET-DATE-TIME plus 4 hex digits)")
     p.add_argument(
         "--resume", metavar="NAME", help="continue the run NAME from its latest checkpoint"
     )

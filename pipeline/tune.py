@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="eval/class_iou", help="reported metric to optimise")
     p.add_argument("--mode", choices=("max", "min"), default="max")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
-    p.add_argument("--name", help="sweep name (default tune-DATE-TIME-XXXX)")
+    p.add_argument("--name", help="sweep name (default tune-DATE-TIME plus 4 hex digits)")
     p.add_argument("--resume", metavar="SWEEP", help="continue an interrupted sweep")
     return p
 

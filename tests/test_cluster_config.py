@@ -255,7 +255,7 @@ def test_docker_image_ray_version_equals_installed_ray(config):
     worker_image = config["docker"].get("worker_image") or config["docker"]["image"]
     device = RAY_IMAGE.match(worker_image)["device"] or ""
     assert device == "gpu" or re.fullmatch(r"cu\d+", device), (
-        f"{worker_image}: GPU workers need a -gpu or -cuXXX image"
+        f"{worker_image}: GPU workers need a -gpu or -cu<version> image"
     )
 
 
