@@ -22,13 +22,17 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
-FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "CYCLEGAN_S3_")
 
-# An unreachable endpoint must fail in seconds: a few short attempts, not the SDK's minutes.
 CONNECT_TIMEOUT_S = 5.0
 # A socket read timeout, not a limit on a whole upload, so large shards still go through.
 REQUEST_TIMEOUT_S = 60.0
-MAX_ATTEMPTS = 3
+# Each S3 request is retried with exponential backoff (25 ms * 2**n): 10 attempts ride through
+# an outage of about 25 s, 11 about 50 s. CYCLEGAN_S3_MAX_ATTEMPTS overrides it.
+MAX_ATTEMPTS = 10
+ATTEMPTS_ENV = "CYCLEGAN_S3_MAX_ATTEMPTS"
+# Start-up checks answer in seconds when an endpoint is wrong or down.
+FAIL_FAST_ATTEMPTS = 3
 GCS_RETRY_LIMIT = timedelta(seconds=15)
 
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
@@ -76,6 +80,7 @@ _ERROR_KINDS = (
             "UNAVAILABLE",
         ),
     ),
+    ("no_space", ("No space left on device", "Disk quota exceeded", "File too large")),
     ("not_a_directory", ("Not a directory",)),
     ("missing", ("No such file", "Path does not exist", "does not exist")),
 )
@@ -86,6 +91,7 @@ _HINTS = {
     "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) and the permissions on this path",
     "unreachable": "the storage endpoint cannot be reached: check AWS_ENDPOINT_URL_S3/"
     "AWS_ENDPOINT_URL and the network",
+    "no_space": "no space left at this location: free some or choose another one",
     "not_a_directory": "a parent of this path is a regular file, not a directory",
     "missing": "the path does not exist",
     "invalid": "not a usable storage URI",
@@ -96,8 +102,8 @@ _HINTS = {
 class StorageError(RuntimeError):
     """A storage operation failed; ``kind`` says why, the message names the URI (never a secret).
 
-    Kinds: ``missing``, ``access_denied``, ``unreachable``, ``no_bucket``, ``not_a_directory``,
-    ``invalid`` (a malformed URI) and ``error`` (anything else).
+    Kinds: ``missing``, ``access_denied``, ``unreachable``, ``no_space``, ``no_bucket``,
+    ``not_a_directory``, ``invalid`` (a malformed URI) and ``error`` (anything else).
     """
 
     def __init__(self, uri: str, kind: str, detail: str = "") -> None:
@@ -143,15 +149,50 @@ def _endpoint(env: dict[str, str]) -> tuple[str | None, str | None]:
     return parsed.netloc, parsed.scheme or "https"
 
 
-def s3_filesystem(env: dict[str, str] | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem configured from the ``AWS_*`` variables of ``env`` (default: os.environ)."""
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with this project's retry policy, which it keeps when pickled to
+    Ray workers (Ray Data read tasks, Ray Train checkpoint uploads): pyarrow's own pickling
+    drops the retry strategy and falls back to 3 attempts."""
+
+    def __init__(self, max_attempts: int = MAX_ATTEMPTS, **kwargs) -> None:
+        strategy = pafs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts)
+        super().__init__(retry_strategy=strategy, **kwargs)
+        self.max_attempts, self._kwargs = max_attempts, kwargs
+
+    def __reduce__(self):
+        return (_rebuild_s3, (self.max_attempts, self._kwargs))
+
+
+def _rebuild_s3(max_attempts: int, kwargs: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **kwargs)
+
+
+def max_attempts(env: dict[str, str]) -> int:
+    raw = env.get(ATTEMPTS_ENV, "")
+    if not raw:
+        return MAX_ATTEMPTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 20:
+        raise StorageError(f"${ATTEMPTS_ENV}", "invalid", f"{raw!r} is not a whole number 1-20")
+    return value
+
+
+def s3_filesystem(
+    env: dict[str, str] | None = None, fail_fast: bool = False
+) -> RetryingS3FileSystem:
+    """An S3 filesystem configured from the ``AWS_*`` variables of ``env`` (default: os.environ).
+
+    Requests retry with backoff through outages of about 25 s (``CYCLEGAN_S3_MAX_ATTEMPTS``);
+    ``fail_fast`` gives up after a second or two (for start-up checks)."""
     env = dict(os.environ if env is None else env)
     endpoint, scheme = _endpoint(env)
     kwargs: dict = {
         "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": REQUEST_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
         # Small objects (the manifest) then go up as one PUT instead of a multipart upload.
         "allow_delayed_open": True,
     }
@@ -163,7 +204,7 @@ def s3_filesystem(env: dict[str, str] | None = None) -> pafs.S3FileSystem:
         kwargs["secret_key"] = env["AWS_SECRET_ACCESS_KEY"]
         if env.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = env["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(FAIL_FAST_ATTEMPTS if fail_fast else max_attempts(env), **kwargs)
 
 
 def gcs_filesystem(env: dict[str, str] | None = None) -> pafs.GcsFileSystem:
@@ -177,11 +218,12 @@ def gcs_filesystem(env: dict[str, str] | None = None) -> pafs.GcsFileSystem:
     return pafs.GcsFileSystem(**kwargs)
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, fail_fast: bool = False) -> tuple[pafs.FileSystem, str]:
     """The filesystem holding ``uri`` and the path to use with it.
 
     Local paths and ``file://`` give an absolute local path; ``s3://bucket/prefix`` and
-    ``gs://bucket/prefix`` give ``bucket/prefix``.
+    ``gs://bucket/prefix`` give ``bucket/prefix``. Object stores retry through short outages
+    unless ``fail_fast``.
     """
     uri = str(uri)
     scheme = _scheme(uri)
@@ -198,7 +240,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
                 uri, "invalid", f"no bucket in the URI; expected {scheme}://BUCKET/..."
             )
         path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-        filesystem = s3_filesystem() if scheme == "s3" else gcs_filesystem()
+        filesystem = s3_filesystem(fail_fast=fail_fast) if scheme == "s3" else gcs_filesystem()
         return filesystem, path
     raise StorageError(
         uri, "invalid", f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://"
@@ -240,7 +282,7 @@ def check_access(uri: str, write: bool) -> None:
     Reading needs the path to exist. Writing needs its bucket (remote) or the nearest existing
     parent directory (local) to accept a small probe file, which is removed again.
     """
-    filesystem, path = resolve(uri)
+    filesystem, path = resolve(uri, fail_fast=True)
     try:
         if is_remote(uri):
             bucket = _bucket_of(path)

@@ -18,7 +18,7 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import config as C
 from pipeline.config import Config
@@ -41,6 +41,12 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs at constant lr (decay epochs keep the ratio)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+
+
+def config_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Another command's flags as ``build_config`` reads them: its ``--name`` names a sweep or
+    an ablation, not a training run."""
+    return argparse.Namespace(**{**vars(args), "name": None, "resume": None, "register": None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +255,8 @@ class TrainResult:
     run_id: str
     checkpoint_path: str | None
     step: int
+    metrics: dict = field(default_factory=dict)
+    """The last metrics the workers reported (losses, ``eval/...`` where evaluated)."""
 
 
 def run(
@@ -266,7 +274,7 @@ def run(
     from pipeline import tracking
     from pipeline.data import build_datasets, check_dataset
     from pipeline.shards import read_manifest
-    from pipeline.storage import is_remote
+    from pipeline.storage import StorageError, check_access, error_kind, is_remote
     from pipeline.worker import train_loop
 
     name = cfg.storage.name or new_run_name(cfg)
@@ -277,8 +285,11 @@ def run(
             f"--name {name}: a run of that name exists under {cfg.storage.resolved_uri()}; "
             f"continue it with --resume {name} or choose another name"
         )
-    # Fail on a bad dataset before any Ray start-up.
+    # Fail on a bad dataset or an unreachable store before any Ray start-up.
     data_uri = cfg.data.resolved_uri()
+    for uri, write in ((data_uri, False), (cfg.storage.resolved_uri(), True)):
+        if is_remote(uri):
+            check_access(uri, write)
     manifest = read_manifest(data_uri)
     check_dataset(manifest, cfg.data)
     paired = manifest.paired_test and {"testA", "testB"} <= set(manifest.datasets)
@@ -349,15 +360,26 @@ def run(
         )
         try:
             result = trainer.fit()
-        except Exception:
+        except Exception as exc:
             tracking.finish_run(cfg, run_id, "FAILED")
+            kind = error_kind(exc)
+            if kind in ("unreachable", "no_space", "access_denied"):
+                where = storage_uri if kind != "unreachable" or is_remote(storage_uri) else data_uri
+                raise StorageError(
+                    where,
+                    kind,
+                    "training stopped; the checkpoints completed before are kept: continue "
+                    f"with `python -m pipeline.train --resume {name}` once this is fixed",
+                ) from exc
             raise
         checkpoint = result.checkpoint
         step = int(result.metrics.get("step", 0)) if result.metrics else 0
         if checkpoint is not None and cfg.tracking.log_model:
             tracking.log_generators(cfg, run_id, checkpoint)
         tracking.finish_run(cfg, run_id, "FINISHED")
-        return TrainResult(name, run_id, checkpoint.path if checkpoint else None, step)
+        return TrainResult(
+            name, run_id, checkpoint.path if checkpoint else None, step, dict(result.metrics or {})
+        )
     finally:
         if started_here:
             ray.shutdown()

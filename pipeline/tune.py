@@ -26,7 +26,13 @@ import yaml
 
 from pipeline import config as C
 from pipeline.config import Config
-from pipeline.train import add_config_flags, build_config, new_run_name, run_dir_exists
+from pipeline.train import (
+    add_config_flags,
+    build_config,
+    config_args,
+    new_run_name,
+    run_dir_exists,
+)
 
 SWEEP_INFO = "sweep.json"
 DEFAULT_SPACE = ("loss.lambda_cyc=loguniform:1:30", "loss.pool_size=choice:0,10,50,100")
@@ -161,12 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The flags as pipeline.train's config builder reads them (name and resume are the
-    sweep's, not a training run's)."""
-    return argparse.Namespace(**{**vars(args), "name": None, "resume": None, "register": None})
-
-
 def connect(cfg: Config, max_concurrent: int) -> bool:
     import ray
 
@@ -202,7 +202,7 @@ def sweep(args: argparse.Namespace) -> dict:
     from pipeline.shards import read_manifest
 
     name = args.resume or args.name or new_run_name(C.tiny()).replace("tiny", "tune", 1)
-    cfg = build_config(_train_args(args))
+    cfg = build_config(config_args(args))
     storage_kwargs, sweep_uri = _storage_paths(cfg, name)
     if args.resume:
         try:

@@ -130,3 +130,17 @@ def _restore_tracking_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture
+def flaky_s3(s3_server, monkeypatch):
+    """``s3_env`` reached through a :class:`FlakyProxy` that the test can take down and bring
+    back (the server keeps its data); yields ``(s3://BUCKET, proxy)``."""
+    from tests.flaky_proxy import FlakyProxy
+
+    proxy = FlakyProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    set_s3_env(monkeypatch, proxy.endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    yield f"s3://{bucket}", proxy
+    proxy.close()

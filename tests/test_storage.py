@@ -14,7 +14,7 @@ from tests.conftest import free_port, set_s3_env
 
 def _s3_settings(filesystem: pafs.S3FileSystem) -> dict:
     # pyarrow exposes the constructor arguments only through pickling support.
-    return filesystem.__reduce__()[1][0]
+    return pafs.S3FileSystem.__reduce__(filesystem)[1][0]
 
 
 def test_resolve_local_paths_and_file_uris(tmp_path):
