@@ -24,3 +24,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Lambd
         return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_decay + 1)
 
     return LambdaLR(optimizer, factor)
+
+
+def set_base_lr(scheduler: LambdaLR, lr: float) -> None:
+    """Give a (restored) schedule a new base learning rate, keeping its position: what a
+    population-based search does when it perturbs ``lr`` of a copied run."""
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = group["lr"] * lr / base
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -73,9 +73,14 @@ class TrainConfig:
     compile: bool = False
     """Wrap the nets in torch.compile."""
     eval_every: int = 0
-    """Steps between evaluations on a paired test split (0: at each epoch end)."""
+    """Steps between evaluations (0: at each epoch end). Data with a paired test split gets the
+    label scores; other data gets FID/KID when ``fid_weights`` is set."""
     eval_limit: int = 50
-    """Test pairs scored per evaluation."""
+    """Test images (pairs) scored per evaluation."""
+    fid_weights: str = ""
+    """Inception v3 weights (a torchvision ``inception_v3`` state dict file) for FID/KID during
+    training on data without a paired test split; ``download`` takes torchvision's; empty: no
+    evaluation on such data."""
     on_nonfinite: str = "stop"
     """What a NaN/Inf loss does: stop (the run fails naming the step) or skip (step discarded)."""
 

@@ -167,18 +167,27 @@ class DomainStream:
             local_shuffle_buffer_size=self.shuffle_buffer or None,
             local_shuffle_seed=hash(key) % (2**31) if self.shuffle_buffer else None,
         )
-        i = 0
+        i = 0  # rows of this pass seen so far
         for batch in batches:
             images, keys = batch["image"], batch["key"]
-            for j in range(len(images)):
-                if i >= self.n:
-                    return  # equal split: a rank never sees more than n rows per pass
-                if i >= skip:
-                    yield (
-                        str(keys[j]),
-                        random_crop_flip([images[j]], params[i : i + 1], self.cfg)[0],
-                    )
-                i += 1
+            # Equal split: a rank never sees more than n rows per pass; rows before ``skip``
+            # were consumed before a resume.
+            lo, hi = max(0, skip - i), min(len(images), self.n - i)
+            if lo < hi:
+                crops = self._crops(images, params, i, lo, hi)
+                yield from zip((str(k) for k in keys[lo:hi]), crops, strict=True)
+            i += len(images)
+            if i >= self.n:
+                return
+
+    def _crops(self, images, params: np.ndarray, i: int, lo: int, hi: int):
+        """Rows ``lo:hi`` of a batch (rows ``i + lo`` onwards of the pass), cropped and flipped
+        in one call where they share a size."""
+        if self.cfg.preprocess == "none":  # sizes may differ: one image at a time
+            for j in range(lo, hi):
+                yield random_crop_flip([images[j]], params[i + j : i + j + 1], self.cfg)[0]
+        else:
+            yield from random_crop_flip(list(images[lo:hi]), params[i + lo : i + hi], self.cfg)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` rows as NHWC uint8; their keys are in ``last_keys``."""

@@ -310,6 +310,34 @@ def unpaired_scores(
     return scores, galleries
 
 
+PAIRED_METRICS = ("per_pixel_acc", "per_class_acc", "class_iou", "l1_AtoB", "cycle_l1_A",
+                  "cycle_l1_B")  # fmt: skip
+UNPAIRED_METRICS = tuple(f"{kind}_{d}" for d in ("AtoB", "BtoA") for kind in ("fid", "kid")) + (
+    "kid_AtoB_std",
+    "kid_BtoA_std",
+    "cycle_l1_A",
+    "cycle_l1_B",
+)
+
+
+def unpaired_eval_scores(
+    G_AtoB: nn.Module,
+    G_BtoA: nn.Module,
+    data_uri: str,
+    size: int | None,
+    limit: int | None,
+    extractor: nn.Module,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """FID/KID of both directions (and cycle L1) on the first ``limit`` images of each domain
+    of the test split, or of the training split where there is no test split."""
+    manifest = read_manifest(data_uri)
+    split = "test" if {"testA", "testB"} <= set(manifest.datasets) else "train"
+    rows = {d: read_split(manifest, f"{split}{d}", limit) for d in ("A", "B")}
+    generators = {"AtoB": G_AtoB, "BtoA": G_BtoA}
+    return unpaired_scores(generators, rows, extractor, size, batch_size)[0]
+
+
 def default_extractor(fid_weights: str | None) -> nn.Module:
     """Inception features from ``fid_weights``, else torchvision's download (clear error)."""
     try:

@@ -43,6 +43,15 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
 
 
+def check_fid_weights(cfg: Config) -> None:
+    weights = cfg.train.fid_weights
+    if weights and weights != "download" and not os.path.isfile(weights):
+        raise ValueError(
+            f"train.fid_weights: {weights} is not a file (an inception_v3 state dict, or "
+            "'download' for torchvision's weights)"
+        )
+
+
 def config_args(args: argparse.Namespace) -> argparse.Namespace:
     """Another command's flags as ``build_config`` reads them: its ``--name`` names a sweep or
     an ablation, not a training run."""
@@ -292,6 +301,7 @@ def run(
             check_access(uri, write)
     manifest = read_manifest(data_uri)
     check_dataset(manifest, cfg.data)
+    check_fid_weights(cfg)
     paired = manifest.paired_test and {"testA", "testB"} <= set(manifest.datasets)
     started_here = connect_ray(cfg)
     try:

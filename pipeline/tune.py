@@ -29,6 +29,7 @@ from pipeline.config import Config
 from pipeline.train import (
     add_config_flags,
     build_config,
+    check_fid_weights,
     config_args,
     new_run_name,
     run_dir_exists,
@@ -109,6 +110,80 @@ def trial_fn(config: dict) -> None:
     run(cfg, callbacks=[TuneReportCallback()], parent_run_id=config["parent_run_id"])
 
 
+PBT_KEYS = ("loss.lambda_cyc", "loss.lambda_A", "loss.lambda_B", "loss.lambda_identity",
+            "loss.lambda_gan", "optim.lr")  # fmt: skip
+DEFAULT_PBT_SPACE = ("loss.lambda_cyc=loguniform:1:30", "optim.lr=loguniform:5e-5:5e-4")
+
+
+def _check_pbt(cfg: Config, space: list[str]) -> None:
+    """PBT copies a running trial's state into another and perturbs it: only values that can
+    change mid-run qualify, and a trial is one process (Tune must see its checkpoints)."""
+    for item in space:
+        key, _, spec = item.partition("=")
+        if key not in PBT_KEYS:
+            raise ValueError(
+                f"--space {item}: PBT changes values mid-run, which {key} cannot do; "
+                f"PBT searches {', '.join(PBT_KEYS)} (use ASHA for the others)"
+            )
+        if spec.startswith("grid:"):
+            raise ValueError(f"--space {item}: PBT needs a distribution or choice, not a grid")
+    if cfg.scaling.num_workers != 1:
+        raise ValueError(
+            "--scheduler pbt: each trial trains in one process (Tune handles its checkpoints); "
+            "use --num-workers 1"
+        )
+
+
+def _pbt_data(cfg: Config) -> dict:
+    """What every PBT trial reads: the Ray Datasets (built once) and the dataset's facts."""
+    from pipeline.data import build_datasets
+    from pipeline.shards import read_manifest
+
+    data_uri = cfg.data.resolved_uri()
+    manifest = read_manifest(data_uri)
+    datasets, counts = build_datasets(data_uri, cfg.data, cfg.train.seed)
+    paired = manifest.paired_test and {"testA", "testB"} <= set(manifest.datasets)
+    return {"datasets": datasets, "counts": counts, "uri": data_uri, "paired": paired}
+
+
+def pbt_trial_fn(config: dict, data: dict) -> None:
+    """One PBT trial: the training loop in this process, reporting checkpoints to Tune; a
+    trial restarted from another's checkpoint continues in its own MLflow child run."""
+    import ray.tune
+
+    from pipeline import tracking
+    from pipeline.worker import TuneRuntime, train_loop
+
+    cfg = apply_params(config["base"], config["params"])
+    ctx = ray.tune.get_context()
+    name = f"{config['sweep']}-{ctx.get_trial_id()}"
+    tags = {"mlflow.parentRunId": config["parent_run_id"], "ray.run_name": name}
+    run_file = os.path.join(ctx.get_trial_dir(), "mlflow_run_id")
+    if os.path.exists(run_file):
+        with open(run_file) as f:
+            run_id = f.read().strip()
+        tracking.reopen_run(cfg, run_id, tags)
+    else:
+        run_id = tracking.start_run(cfg, name, tags)
+        with open(run_file, "w") as f:
+            f.write(run_id)
+    loop_config = {
+        "config": cfg.to_dict(),
+        "run_id": run_id,
+        "counts": data["counts"],
+        "data_uri": data["uri"],
+        "paired": data["paired"],
+        "tracking_uri": cfg.tracking.resolved_uri(),
+        "threads_per_worker": max(1, int(cfg.scaling.cpus_per_worker)),
+    }
+    try:
+        train_loop(loop_config, TuneRuntime(data["datasets"]))
+    except Exception:
+        tracking.finish_run(cfg, run_id, "FAILED")
+        raise
+    tracking.finish_run(cfg, run_id, "FINISHED")
+
+
 def _storage_paths(cfg: Config, sweep: str) -> tuple[dict, str]:
     from pipeline.storage import is_remote, join, resolve
 
@@ -157,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", action="append", default=[], metavar="KEY=KIND:ARGS",
                    help=f"a searched field (repeatable; default: {' '.join(DEFAULT_SPACE)})")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=4, help="trials (per grid point)")
-    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha",
+                   help="asha stops weak trials early; pbt copies strong trials into weak ones "
+                   "and perturbs lr/loss weights (one process per trial)")  # fmt: skip
+    p.add_argument("--perturbation-interval", type=int, default=2,
+                   help="PBT: reports (checkpoints) between exploit/explore steps")  # fmt: skip
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: reports before a stop")
     p.add_argument("--metric", default="eval/class_iou", help="reported metric to optimise")
     p.add_argument("--mode", choices=("max", "min"), default="max")
@@ -190,6 +269,24 @@ def connect(cfg: Config, max_concurrent: int) -> bool:
     return True
 
 
+def _check_metric(metric: str, cfg: Config, paired: bool) -> None:
+    """Refuse an objective no trial would report, before any trial starts."""
+    from cyclegan.train_step import LOSS_NAMES
+    from pipeline.evaluate import PAIRED_METRICS, UNPAIRED_METRICS
+
+    evals = PAIRED_METRICS if paired else UNPAIRED_METRICS if cfg.train.fid_weights else ()
+    known = [f"eval/{m}" for m in evals] + list(LOSS_NAMES)
+    if metric in known:
+        return
+    why = ""
+    if metric.startswith("eval/") and not evals:
+        why = (
+            f" (the dataset {cfg.data.resolved_uri()} has no paired test split; set "
+            "train.fid_weights to evaluate FID/KID)"
+        )
+    raise ValueError(f"--metric {metric}: trials do not report it{why}; choose one of {known}")
+
+
 TRIAL_CPU = 0.1  # the trial's own driver only orchestrates its TorchTrainer
 
 
@@ -216,16 +313,17 @@ def sweep(args: argparse.Namespace) -> dict:
         parse_space(args.space or list(DEFAULT_SPACE))  # bad spaces fail before anything else
         manifest = read_manifest(cfg.data.resolved_uri())
         check_dataset(manifest, cfg.data)
-        if args.metric.startswith("eval/") and not manifest.paired_test:
-            raise ValueError(
-                f"--metric {args.metric}: the dataset {cfg.data.resolved_uri()} has no paired "
-                "test split to evaluate on; choose a metric the trials report"
-            )
+        _check_metric(args.metric, cfg, manifest.paired_test)
+        check_fid_weights(cfg)
+        if args.scheduler == "pbt":
+            _check_pbt(cfg, args.space or list(DEFAULT_PBT_SPACE))
         info = {
             "base": cfg.to_dict(),
-            "space": args.space or list(DEFAULT_SPACE),
+            "space": args.space
+            or list(DEFAULT_PBT_SPACE if args.scheduler == "pbt" else DEFAULT_SPACE),
             "metric": args.metric,
             "mode": args.mode,
+            "scheduler": args.scheduler,
             "parent_run_id": tracking.start_run(cfg, name, {"sweep": name, "kind": "tune"}),
         }
         _write(sweep_uri, SWEEP_INFO, json.dumps(info, indent=2))
@@ -233,9 +331,16 @@ def sweep(args: argparse.Namespace) -> dict:
     metric, mode, parent = info["metric"], info["mode"], info["parent_run_id"]
     print(f"[tune] sweep {name} at {sweep_uri}; MLflow parent run {parent}", flush=True)
 
+    pbt = info.get("scheduler") == "pbt"
     started = connect(cfg, args.max_concurrent)
     try:
-        trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPU})
+        if pbt:
+            trainable = tune.with_resources(
+                tune.with_parameters(pbt_trial_fn, data=_pbt_data(cfg)),
+                {"CPU": cfg.scaling.cpus_per_worker},
+            )
+        else:
+            trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPU})
         param_space = {
             "base": cfg.to_dict(),
             "params": space,
@@ -247,16 +352,21 @@ def sweep(args: argparse.Namespace) -> dict:
                 sweep_uri, trainable, resume_errored=True, param_space=param_space
             )
         else:
-            scheduler = (
-                tune.schedulers.ASHAScheduler(
+            scheduler = None
+            if args.scheduler == "asha":
+                scheduler = tune.schedulers.ASHAScheduler(
                     time_attr="training_iteration",
                     grace_period=args.grace_period,
                     reduction_factor=2,
                     max_t=10**6,
                 )
-                if args.scheduler == "asha"
-                else None
-            )
+            elif pbt:
+                scheduler = tune.schedulers.PopulationBasedTraining(
+                    time_attr="training_iteration",
+                    perturbation_interval=args.perturbation_interval,
+                    hyperparam_mutations={"params": space},
+                    quantile_fraction=0.5 if args.num_samples <= 4 else 0.25,
+                )
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,

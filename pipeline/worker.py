@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import resource
 import sys
 import tempfile
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 
 from cyclegan.checkpoint import (
@@ -21,7 +23,7 @@ from cyclegan.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from cyclegan.schedules import build_scheduler
+from cyclegan.schedules import build_scheduler, set_base_lr
 from cyclegan.train_step import (
     CycleGANNets,
     build_nets,
@@ -33,7 +35,7 @@ from cyclegan.train_step import (
 from cyclegan.transforms import image_grid, to_input
 from pipeline.config import Config, from_dict
 from pipeline.data import UnpairedBatches, load_samples
-from pipeline.evaluate import paired_scores
+from pipeline.evaluate import default_extractor, paired_scores, unpaired_eval_scores
 from pipeline.tracking import MlflowSink, NullSink
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -136,23 +138,63 @@ def load_resume_state(latest: ray.train.Checkpoint, device: torch.device) -> dic
     raise RuntimeError(f"no loadable checkpoint in {run_dir}")
 
 
-def _report(metrics: dict, ckpt: dict | None) -> None:
+class TrainRuntime:
+    """The loop inside a TorchTrainer: DDP ranks, dataset shards and reports of Ray Train."""
+
+    checkpoint_class = ray.train.Checkpoint
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self) -> ray.train.Checkpoint | None:
+        return ray.train.get_checkpoint()
+
+    def shard(self, domain: str):
+        return ray.train.get_dataset_shard(domain)
+
+    def report(self, metrics: dict, checkpoint: ray.train.Checkpoint | None) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneRuntime:
+    """The loop as a plain Tune function trainable (one process): Tune sees its checkpoints,
+    which population-based training needs to copy a good trial into a weak one."""
+
+    checkpoint_class = ray.tune.Checkpoint
+
+    def __init__(self, datasets: dict) -> None:
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.datasets = datasets
+
+    def checkpoint(self) -> ray.tune.Checkpoint | None:
+        return ray.tune.get_checkpoint()
+
+    def shard(self, domain: str):
+        return self.datasets[domain].iterator()
+
+    def report(self, metrics: dict, checkpoint: ray.tune.Checkpoint | None) -> None:
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+def _report(runtime, metrics: dict, ckpt: dict | None) -> None:
     """A barrier on every rank; only rank 0 passes the checkpoint."""
     if ckpt is None:
-        ray.train.report(metrics)
+        runtime.report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        runtime.report(metrics, runtime.checkpoint_class.from_directory(tmp))
 
 
-def train_loop(loop_config: dict) -> None:
+def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
+    runtime = runtime or TrainRuntime()
     cfg = from_dict(loop_config["config"])
     run_id = loop_config["run_id"]
     counts = loop_config["counts"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
     # Identical initial weights on every rank; per-rank randomness (pools) seeded by rank.
@@ -164,15 +206,19 @@ def train_loop(loop_config: dict) -> None:
     scheds = {"G": build_scheduler(opts.G, cfg.optim), "D": build_scheduler(opts.D, cfg.optim)}
     pools = build_pools(cfg.loss.pool_size, cfg.train.seed * 1000 + 2 * rank)
     step = epoch = 0
-    resumed = ray.train.get_checkpoint()
+    resumed = runtime.checkpoint()
     if resumed is not None:
         state = load_resume_state(resumed, device)
         step, epoch = restore_checkpoint(state, nets, opts, scheds, pools, device)
+        # A population-based search may hand over another trial's state with a new lr.
+        for sched in scheds.values():
+            if sched.base_lrs[0] != cfg.optim.lr:
+                set_base_lr(sched, cfg.optim.lr)
     torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * step)
     nets = _wrap(nets, cfg, world)
 
     batches = UnpairedBatches(
-        {d: ray.train.get_dataset_shard(d) for d in ("A", "B")},
+        {d: runtime.shard(d) for d in ("A", "B")},
         counts,
         cfg.data,
         world,
@@ -203,6 +249,20 @@ def train_loop(loop_config: dict) -> None:
         )
 
     data_uri, paired = loop_config["data_uri"], loop_config.get("paired", False)
+    evaluating = paired or bool(cfg.train.fid_weights)
+    extractor = None
+
+    def evaluation() -> dict[str, float]:
+        """Paired label scores, else FID/KID (the Inception net is loaded on first use)."""
+        nonlocal extractor
+        size, limit = cfg.data.crop_size, cfg.train.eval_limit
+        if paired:
+            return paired_scores(nets.G_A, nets.G_B, data_uri, size, limit)
+        if extractor is None:
+            weights = cfg.train.fid_weights
+            extractor = default_extractor(None if weights == "download" else weights)
+        return unpaired_eval_scores(nets.G_A, nets.G_B, data_uri, size, limit, extractor)
+
     last_eval: dict[str, float] = {}
     images_per_step = world * cfg.data.batch_size
     t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
@@ -250,6 +310,10 @@ def train_loop(loop_config: dict) -> None:
             metrics["data/wait_fraction"] = wait_interval / elapsed
             metrics["epoch"] = epoch + (step % steps_per_epoch) / steps_per_epoch
             metrics["nonfinite_steps"] = float(len(bad) > 0)
+            # Peak resident memory of this worker process so far (Linux reports KiB).
+            metrics["memory/peak_rss_mib"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            )
             sink.log_metrics(metrics, step)
             if rank == 0:
                 rate = (step - step_start) / (now - t_start)
@@ -277,7 +341,7 @@ def train_loop(loop_config: dict) -> None:
             )
             sink.log_image(grid, "samples", step)
 
-        eval_due = paired and (
+        eval_due = evaluating and (
             step == last_step
             or (epoch_end if not cfg.train.eval_every else step % cfg.train.eval_every == 0)
         )
@@ -285,10 +349,8 @@ def train_loop(loop_config: dict) -> None:
             metrics = {"step": step, "epoch": epoch, **losses}
             ckpt = None
             if rank == 0:
-                if eval_due or (paired and not last_eval):
-                    scores = paired_scores(
-                        nets.G_A, nets.G_B, data_uri, cfg.data.crop_size, cfg.train.eval_limit
-                    )
+                if eval_due or (evaluating and not last_eval):
+                    scores = evaluation()
                     last_eval = {f"eval/{k}": v for k, v in scores.items()}
                     sink.log_metrics(last_eval, step)
                 metrics.update(last_eval)
@@ -302,5 +364,5 @@ def train_loop(loop_config: dict) -> None:
                     pools=pools,
                     mlflow_run_id=run_id,
                 )
-            _report(metrics, ckpt)
+            _report(runtime, metrics, ckpt)
     sink.close()

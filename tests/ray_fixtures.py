@@ -124,3 +124,35 @@ def scenes(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("scenes") / "data"
     write_scenes(str(root), size=48, train_a=24, train_b=16, test=4, seed=0)
     return str(root)
+
+
+def unpaired_copy(src: str, root: Path) -> str:
+    """A copy of the dataset ``src`` at ``root`` whose manifest does not promise paired test
+    images (the same pictures, scored as unpaired data)."""
+    import json
+
+    shutil.copytree(src, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["paired_test"] = False
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def unpaired_scenes(scenes, tmp_path_factory) -> str:
+    """``scenes`` without the paired-test promise."""
+    return unpaired_copy(scenes, tmp_path_factory.mktemp("unpaired") / "data")
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> str:
+    """A randomly initialised torchvision inception_v3 state dict: a real FID network file
+    (the pretrained one needs a download)."""
+    import torch
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / "inception_v3.pth"
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    torch.save(net.state_dict(), path)
+    return str(path)

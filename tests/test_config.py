@@ -141,3 +141,26 @@ def test_scheduler_state_round_trip_resumes_at_the_same_lr():
             o.step()
             s.step()
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_set_base_lr_keeps_the_schedule_position():
+    from cyclegan.schedules import set_base_lr
+
+    cfg = OptimConfig(lr=2e-4, n_epochs=1, n_epochs_decay=4)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    factor = lr_factor(3, cfg)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)
+    set_base_lr(sched, 1e-3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(4, cfg))
+    # It survives a state round trip, as a checkpoint would make.
+    again = build_scheduler(torch.optim.Adam(net.parameters(), lr=1e-3), cfg)
+    again.load_state_dict(sched.state_dict())
+    assert again.base_lrs == [1e-3]

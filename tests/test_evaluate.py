@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.evaluate import evaluate, main, paired_scores, read_pairs
 from pipeline.images import decode_image
 from pipeline.shards import read_manifest
 from pipeline.synth import PALETTE, render_scene, scene_index, write_scenes
+from tests.ray_fixtures import unpaired_copy
 from tests.test_export import write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,12 +48,7 @@ def scenes(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def unpaired(scenes, tmp_path_factory) -> str:
     """The same images, with a manifest that does not promise paired test images."""
-    root = tmp_path_factory.mktemp("eval") / "unpaired"
-    shutil.copytree(scenes, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["paired_test"] = False
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return str(root)
+    return unpaired_copy(scenes, tmp_path_factory.mktemp("eval") / "unpaired")
 
 
 def as_input(key: str, data: bytes) -> torch.Tensor:

@@ -109,21 +109,25 @@ def _objects(s3_server, bucket: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=name, Key=k)["Body"].read() for k in keys}
 
 
-def _stored_steps(objects: dict[str, bytes], name: str, tmp_path: Path) -> list[int]:
-    """The step of every checkpoint of run ``name`` in the bucket; each must load whole."""
+def _stored_steps(objects: dict[str, bytes], name: str, tmp_path: Path) -> tuple[list[int], int]:
+    """The step of every whole checkpoint of run ``name`` in the bucket, and how many stored
+    ``checkpoint.pt`` objects do not load (an upload that was cut off)."""
     from cyclegan.checkpoint import load_checkpoint
 
     keys = sorted(k for k in objects if k.startswith(f"runs/{name}/") and k.endswith(".pt"))
     assert keys, sorted(objects)
-    steps = []
+    steps, broken = [], 0
     for key in keys:
         folder = tmp_path / "stored" / key.replace("/", "_")
         folder.mkdir(parents=True)
         (folder / "checkpoint.pt").write_bytes(objects[key])
         if key + ".sha256" in objects:
             (folder / "checkpoint.pt.sha256").write_bytes(objects[key + ".sha256"])
-        steps.append(load_checkpoint(folder / "checkpoint.pt")["step"])
-    return steps
+        try:
+            steps.append(load_checkpoint(folder / "checkpoint.pt")["step"])
+        except ValueError:
+            broken += 1
+    return steps, broken
 
 
 def _scenes_on(bucket: str) -> str:
@@ -172,8 +176,8 @@ def test_training_rides_through_outages_while_reading_and_uploading(
     assert len(proxy.outages) == 2 and all(end > start for start, end in proxy.outages)
 
     objects = _objects(s3_server, bucket)
-    steps = _stored_steps(objects, "flaky", tmp_path)
-    assert max(steps) == 30
+    steps, broken = _stored_steps(objects, "flaky", tmp_path)
+    assert max(steps) == 30 and broken == 0  # the cut upload was retried whole
     _, runs = runs_of(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
@@ -203,7 +207,10 @@ def test_a_long_outage_fails_clearly_and_resume_finishes(ray_head, flaky_s3, s3_
     proxy.up()
     res = train_cli(["--resume", "outage", "--storage", f"{bucket}/runs"], tmp_path, ray_head.env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert max(_stored_steps(_objects(s3_server, bucket), "outage", tmp_path)) == 20
+    steps, broken = _stored_steps(_objects(s3_server, bucket), "outage", tmp_path)
+    # The cut-off upload left an object that does not load; the resume did not pick it and
+    # finished the run from the last whole checkpoint.
+    assert max(steps) == 20 and broken <= 1
     _, runs = runs_of(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 

@@ -4,6 +4,7 @@ real MLflow store, on tiny settings."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -307,6 +308,24 @@ def test_bad_arguments_fail_fast(args, message, tmp_path):
     res = train_cli(args, tmp_path, timeout=60)
     assert res.returncode == 2
     assert message in res.stderr
+
+
+def test_unpaired_data_is_evaluated_with_fid_and_kid(
+    ray_head, unpaired_scenes, inception_weights, tmp_path
+):
+    res = train_cli(
+        ["--preset", "tiny", "--data", unpaired_scenes, "--max-steps", "4",
+         "--set", f"train.fid_weights={inception_weights}", "--set", "train.eval_limit=4",
+         "--set", "tracking.log_model=false"],
+        tmp_path, ray_head.env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    client, runs = runs_of(tmp_path)
+    metrics = runs[0].data.metrics
+    for key in ("eval/fid_AtoB", "eval/fid_BtoA", "eval/kid_AtoB", "eval/kid_BtoA"):
+        assert key in metrics and math.isfinite(metrics[key]), sorted(metrics)
+    assert "eval/class_iou" not in metrics  # no paired ground truth here
+    assert metrics["eval/fid_AtoB"] > 0
 
 
 def test_bad_data_is_a_clear_error(ray_head, tmp_path):

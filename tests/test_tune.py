@@ -98,9 +98,122 @@ def test_sweep_runs_trials_and_writes_the_best_config(ray_head, scenes, tmp_path
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId")]) == 2
 
 
+def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tmp_path):
+    res = tune_cli(["--data", scenes, "--metric", "eval/fid_AtoB"], tmp_path, {})
+    assert res.returncode == 2
+    assert "--metric eval/fid_AtoB: trials do not report it" in res.stderr
+    assert "eval/class_iou" in res.stderr  # the valid names are listed
+    res = tune_cli(["--data", unpaired_scenes, "--metric", "eval/kid_AtoB"], tmp_path, {})
+    assert res.returncode == 2 and "set train.fid_weights" in res.stderr
+    res = tune_cli(
+        ["--data", unpaired_scenes, "--metric", "eval/kid_AtoB", "--set",
+         f"train.fid_weights={tmp_path}/none.pth"], tmp_path, {},
+    )  # fmt: skip
+    assert (
+        res.returncode == 2 and "train.fid_weights:" in res.stderr and "is not a file" in res.stderr
+    )
+
+
 def test_bad_space_is_a_clear_error(tmp_path):
     res = tune_cli(["--space", "loss.lambda_X=uniform:1:2"], tmp_path, {})
     assert res.returncode == 2
     assert "valid keys of loss" in res.stderr
     res = tune_cli(["--space", "loss.lambda_A=normal:1:2"], tmp_path, {})
     assert res.returncode == 2 and "unknown kind" in res.stderr
+
+
+def _children(home):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("cyclegan")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    parent = next((r for r in runs if r.data.tags.get("kind") == "tune"), None)
+    kids = [
+        r for r in runs if parent and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]
+    return client, kids
+
+
+TINY = ["--preset", "tiny", "--set", "tracking.log_model=false"]
+
+
+def test_asha_stops_a_clearly_bad_trial_early(ray_head, scenes, tmp_path):
+    # lr 1e-12 leaves the cycle loss where it starts; lr 2e-3 brings it down within steps.
+    args = [*TINY, "--data", scenes, "--max-steps", "30", "--set", "train.checkpoint_every=2",
+            "--space", "optim.lr=grid:1e-12,2e-3", "--num-samples", "1", "--grace-period", "1",
+            "--metric", "loss/cycle_A", "--mode", "min", "--name", "asha"]  # fmt: skip
+    res = tune_cli(args, tmp_path, ray_head.env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    client, kids = _children(tmp_path)
+    last = {}
+    for kid in kids:
+        history = client.get_metric_history(kid.info.run_id, "loss/cycle_A")
+        last[float(kid.data.params["optim.lr"])] = max(m.step for m in history)
+    assert last[2e-3] == 30  # the good trial ran to the end
+    assert last[1e-12] < 30  # the bad one was stopped early
+
+
+def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
+    args = [*TINY, "--data", scenes, "--max-steps", "40", "--set", "train.checkpoint_every=4",
+            "--scheduler", "pbt", "--perturbation-interval", "2", "--num-samples", "2",
+            "--space", "optim.lr=choice:1e-12,2e-3", "--metric", "loss/cycle_A", "--mode", "min",
+            "--name", "pbt"]  # fmt: skip
+    res = tune_cli(args, tmp_path, ray_head.env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Cloning trial" in res.stdout + res.stderr  # PBT's exploit step ran
+    client, kids = _children(tmp_path)
+    assert len(kids) == 2  # a restarted trial continues in its own child run
+    for kid in kids:
+        history = client.get_metric_history(kid.info.run_id, "loss/cycle_A")
+        assert max(m.step for m in history) == 40
+    sweep_dir = tmp_path / "checkpoints" / "tune" / "pbt"
+    best = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
+    assert best["optim"]["lr"] > 1e-9  # the winner is not the frozen configuration
+
+
+def test_pbt_refuses_values_that_cannot_change_mid_run(scenes, tmp_path):
+    res = tune_cli(["--data", scenes, "--scheduler", "pbt", "--space",
+                    "loss.pool_size=choice:0,50"], tmp_path, {})  # fmt: skip
+    assert res.returncode == 2 and "loss.pool_size cannot do" in res.stderr
+    res = tune_cli(["--data", scenes, "--scheduler", "pbt", "--num-workers", "2"], tmp_path, {})
+    assert res.returncode == 2 and "use --num-workers 1" in res.stderr
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_head, scenes, tmp_path):
+    import signal
+    import time
+
+    args = [*TINY, "--data", scenes, "--max-steps", "60", "--set", "train.checkpoint_every=5",
+            "--space", "loss.lambda_cyc=grid:5,10", "--num-samples", "1", "--scheduler", "fifo",
+            "--max-concurrent", "1", "--name", "killed"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(ray_head.env, CYCLEGAN_HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.tune", *args], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:  # one trial done, the second one under way
+            _, kids = (_children(tmp_path)) if (tmp_path / "mlflow.db").exists() else (None, [])
+            done = [k for k in kids if k.info.status == "FINISHED"]
+            if done and len(kids) == 2:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the sweep did not reach its second trial")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = done[0].data.tags["ray.run_name"]
+    before = sorted((tmp_path / "checkpoints" / finished).glob("checkpoint_*"))
+
+    res = tune_cli(["--resume", "killed"], tmp_path, ray_head.env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert sorted((tmp_path / "checkpoints" / finished).glob("checkpoint_*")) == before
+    client, kids = _children(tmp_path)
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    for kid in kids:
+        history = client.get_metric_history(kid.info.run_id, "loss/G_A")
+        assert max(m.step for m in history) == 60

@@ -1,0 +1,113 @@
+"""Benchmarks: the train step alone, the data path, and short training runs.
+
+    python -m pipeline.bench step --preset demo --no-compile --repeats 15   # about a minute
+    python -m pipeline.bench step --preset demo --variants fp32,bf16,compile,compile_bf16
+    python -m pipeline.bench step --preset paper --no-compile               # several minutes
+    python -m pipeline.bench step --preset paper --variants fp32,bf16 --threads 1 --json p.json
+    python -m pipeline.bench data --load-size 286 --crop-size 256 --workers 1,2 --json data.json
+    python -m pipeline.bench train --preset demo --max-steps 150 --workers 1,2 --json train.json
+
+``step`` runs each variant (fp32, bf16 autocast, channels_last, torch.compile, ...) in its own
+process, so peak memory and compile caches are per variant; the parent times the variants in
+turn (A B C A B C ...), so a machine that gets busier or quieter mid-run shifts every variant
+alike, and each speedup is the median of per-round ratios against fp32 eager. Each timing also
+records the share of the machine's CPU time other processes took meanwhile; on a shared machine
+multi-threaded steps slow down many times over when another process takes a core, so medians
+over quiet rounds are reported beside those over all rounds. ``images/s`` counts one (A, B)
+pair as one image, as the training metric ``throughput/images_per_s`` does. FLOPs are those of
+the convolutions and matmuls of one whole train step, forward and backward, counted once with
+``torch.utils.flop_counter.FlopCounterMode``.
+
+``data`` and ``train`` start a local Ray: run them when no other Ray cluster runs on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline import config as C
+from pipeline.bench.common import environment
+from pipeline.bench.data import bench_data, print_data
+from pipeline.bench.step import VARIANTS, bench_step, print_step
+from pipeline.bench.train import bench_train, print_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.bench",
+        description="Benchmark the train step, the data path, or short training runs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    step = sub.add_parser("step", help="the train step alone, per variant, on random inputs")
+    step.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)}")
+    step.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default all)")
+    step.add_argument("--no-compile", action="store_true", help="leave out the compile variants")
+    step.add_argument("--batch-size", type=int, help="images per domain (default: the preset's)")
+    step.add_argument("--warmup", type=int, help="untimed steps per variant first")
+    step.add_argument("--repeats", type=int, help="timed rounds over all variants")
+    step.add_argument("--steps-per-repeat", type=int, help="steps per variant per round")
+    step.add_argument("--threads", type=int, help="torch threads (default: the usable CPUs)")
+    step.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
+    step.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.15,
+        help="a round counts as quiet when other processes took less than this share of the "
+        "CPUs (default 0.15); quiet-round medians are reported too",
+    )
+    data = sub.add_parser("data", help="decode + augment images/s: Ray Data vs a DataLoader")
+    data.add_argument("--load-size", type=int, default=286)
+    data.add_argument("--crop-size", type=int, default=256)
+    data.add_argument("--source-size", type=int, default=300, help="side of the stored JPEGs")
+    data.add_argument("--images", type=int, default=256, help="JPEGs in the shards")
+    data.add_argument("--root", help="where the shards go (default $CYCLEGAN_HOME/bench/...)")
+    data.add_argument("--workers", default="1,2", help="CPUs per measurement, comma-separated")
+    data.add_argument("--batch-size", type=int, default=16)
+    data.add_argument("--seconds", type=float, default=20.0, help="timed seconds per measurement")
+    data.add_argument("--warmup-batches", type=int, default=4)
+    data.add_argument("--repeats", type=int, default=2, help="rounds over all measurements")
+    train = sub.add_parser("train", help="short runs of pipeline.train, 1 and 2 workers")
+    train.add_argument("--preset", default="demo", help="tiny or demo are a few minutes")
+    train.add_argument("--max-steps", type=int, help="steps per run (default 200 tiny, 150 demo)")
+    train.add_argument("--log-every", type=int, help="steps per metric interval")
+    train.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
+    train.add_argument("--repeats", type=int, default=1)
+    train.add_argument("--data", help="dataset root (default: built-in scenes of --images)")
+    train.add_argument(
+        "--images",
+        default="500",
+        help="built-in scenes per domain, comma-separated sizes (e.g. 500,5000: memory vs size)",
+    )
+    train.add_argument("--home", help="runs, MLflow store (default $CYCLEGAN_HOME/bench)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    for sp in (step, data, train):
+        sp.add_argument("--json", metavar="FILE", help="write every number and the environment")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run, show = {
+        "step": (bench_step, print_step),
+        "data": (bench_data, print_data),
+        "train": (bench_train, print_train),
+    }[args.command]
+    env = environment(getattr(args, "preset", None))
+    try:
+        result = run(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    show(result)
+    # Load averages before and after: how busy the machine was around the measurements.
+    result["env"] = {**env, "loadavg_at_end": os.getloadavg()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[bench] wrote {args.json}")
+    return 0
