@@ -40,10 +40,22 @@ DEFAULT_SPACE = ("loss.lambda_cyc=loguniform:1:30", "loss.pool_size=choice:0,10,
 VIRTUAL_KEYS = {"loss.lambda_cyc": ("loss.lambda_A", "loss.lambda_B")}
 
 
-def parse_space(items: list[str]) -> dict:
+def _value(text: str):
+    """A space value: a number where it reads as one (YAML would keep ``2e-3`` a string)."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return yaml.safe_load(text)
+
+
+def parse_space(items: list[str], pbt: bool = False) -> dict:
     """``KEY=KIND:ARGS`` items as a Tune param space. Kinds: ``loguniform:LO:HI``,
     ``uniform:LO:HI``, ``randint:LO:HI``, ``choice:V1,V2,...``, ``grid:V1,V2,...``.
-    ``loss.lambda_cyc`` sets both cycle weights."""
+    ``loss.lambda_cyc`` sets both cycle weights. With ``pbt``, the mutations PBT draws from:
+    a grid or choice becomes the list of its values (PBT moves to a neighbouring value)."""
     from ray import tune
 
     space = {}
@@ -59,10 +71,15 @@ def parse_space(items: list[str]) -> dict:
                 fn = {"loguniform": tune.loguniform, "uniform": tune.uniform}.get(kind)
                 space[key] = fn(lo, hi) if fn else tune.randint(int(lo), int(hi))
             elif kind in ("choice", "grid"):
-                values = [yaml.safe_load(v) for v in args.split(",") if v.strip()]
+                values = [_value(v) for v in args.split(",") if v.strip()]
                 if not values:
                     raise ValueError("no values")
-                space[key] = tune.choice(values) if kind == "choice" else tune.grid_search(values)
+                if pbt:
+                    space[key] = values
+                elif kind == "choice":
+                    space[key] = tune.choice(values)
+                else:
+                    space[key] = tune.grid_search(values)
             else:
                 raise ValueError(
                     f"unknown kind {kind!r} (loguniform, uniform, randint, choice, grid)"
@@ -119,14 +136,12 @@ def _check_pbt(cfg: Config, space: list[str]) -> None:
     """PBT copies a running trial's state into another and perturbs it: only values that can
     change mid-run qualify, and a trial is one process (Tune must see its checkpoints)."""
     for item in space:
-        key, _, spec = item.partition("=")
+        key = item.partition("=")[0]
         if key not in PBT_KEYS:
             raise ValueError(
                 f"--space {item}: PBT changes values mid-run, which {key} cannot do; "
                 f"PBT searches {', '.join(PBT_KEYS)} (use ASHA for the others)"
             )
-        if spec.startswith("grid:"):
-            raise ValueError(f"--space {item}: PBT needs a distribution or choice, not a grid")
     if cfg.scaling.num_workers != 1:
         raise ValueError(
             "--scheduler pbt: each trial trains in one process (Tune handles its checkpoints); "
@@ -364,7 +379,7 @@ def sweep(args: argparse.Namespace) -> dict:
                 scheduler = tune.schedulers.PopulationBasedTraining(
                     time_attr="training_iteration",
                     perturbation_interval=args.perturbation_interval,
-                    hyperparam_mutations={"params": space},
+                    hyperparam_mutations={"params": parse_space(info["space"], pbt=True)},
                     quantile_fraction=0.5 if args.num_samples <= 4 else 0.25,
                 )
             tuner = tune.Tuner(
