@@ -36,6 +36,9 @@ from pipeline.train import (
 )
 
 SWEEP_INFO = "sweep.json"
+# Steps per trial when neither --max-steps nor train.max_steps says: the demo sweep then takes
+# minutes on a laptop CPU. Other presets train each trial in full.
+TRIAL_STEPS = {"demo": 1000}
 DEFAULT_SPACE = ("loss.lambda_cyc=loguniform:1:30", "loss.pool_size=choice:0,10,50,100")
 VIRTUAL_KEYS = {"loss.lambda_cyc": ("loss.lambda_A", "loss.lambda_B")}
 
@@ -315,6 +318,9 @@ def sweep(args: argparse.Namespace) -> dict:
 
     name = args.resume or args.name or new_run_name(C.tiny()).replace("tiny", "tune", 1)
     cfg = build_config(config_args(args))
+    budget = TRIAL_STEPS.get(cfg.preset)
+    if budget and not args.max_steps and not cfg.train.max_steps:
+        cfg = C.merge(cfg, {"train": {"max_steps": budget}})
     storage_kwargs, sweep_uri = _storage_paths(cfg, name)
     if args.resume:
         try:
