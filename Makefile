@@ -62,8 +62,9 @@ ui: setup
 		--default-artifact-root $(CYCLEGAN_HOME)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 ray-up-local: setup
-	@# Two logical CPUs beyond the cores, so data decoding always fits beside training workers.
-	$(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
+	@# Two logical CPUs beyond the cores, so data decoding always fits beside training workers;
+	@# idle workers kept a minute, so the data-decoding workers live from one pass to the next.
+	RAY_idle_worker_killing_time_threshold_ms=60000 $(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
 		--dashboard-port $(DASHBOARD_PORT) --include-dashboard true --num-cpus $$(( $$(nproc) + 2 ))
 
 ray-down-local: setup

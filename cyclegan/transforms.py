@@ -41,8 +41,9 @@ def random_crop_flip(
     images: list[np.ndarray] | np.ndarray, params: np.ndarray, cfg: AugmentConfig
 ) -> torch.Tensor:
     """Crop each HxWx3 uint8 image to ``crop_size`` at the offsets in ``params`` (from
-    ``crop_params``), flip it when its draw is < 0.5 and ``cfg.flip``; returns NHWC uint8."""
-    out = []
+    ``crop_params``), flip it when its draw is < 0.5 and ``cfg.flip``; returns NHWC uint8.
+    Each image is copied once, straight into the output batch."""
+    views = []
     for img, (top_f, left_f, flip_f) in zip(images, params, strict=True):
         if cfg.preprocess != "none":
             h, w = img.shape[:2]
@@ -56,22 +57,27 @@ def random_crop_flip(
             img = img[top : top + c, left : left + c]
         if cfg.flip and flip_f < 0.5:
             img = img[:, ::-1]
-        out.append(np.ascontiguousarray(img))
-    shapes = {im.shape for im in out}
+        views.append(img)
+    shapes = {im.shape for im in views}
     if len(shapes) > 1:
         raise ValueError(
             f"data.preprocess: images of different sizes {sorted(shapes)} in one batch; "
             "use a cropping preprocess or data.batch_size=1"
         )
-    return torch.from_numpy(np.stack(out))
+    out = np.empty((len(views), *views[0].shape), dtype=np.uint8)
+    for k, view in enumerate(views):
+        out[k] = view
+    return torch.from_numpy(out)
 
 
 def to_input(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """NHWC uint8 -> NCHW float in [-1, 1] (on the batch's device)."""
-    x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
+    """NHWC uint8 -> NCHW float in [-1, 1] (on the batch's device), converted in one pass
+    into the requested memory format, then shifted in place."""
+    nchw = batch.permute(0, 3, 1, 2)  # already the channels_last layout of NCHW
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(nchw.shape, dtype=torch.float32, device=batch.device, memory_format=fmt)
+    torch.mul(nchw, 1 / 127.5, out=x)
+    return x.sub_(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,17 @@ class DataConfig(AugmentConfig):
     """Held-out test images per domain shown in the sample grids."""
     deterministic: bool = True
     """Keep Ray Data's row order so a seed reproduces the batches (1 worker)."""
+    cache_mb: int = 1024
+    """Keep the encoded training images in Ray's object store when trainA and trainB together
+    hold at most this many MiB: passes after the first skip listing and reading the shards
+    (0: always stream from storage)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
+        _check(self.cache_mb >= 0, "data.cache_mb", "must be >= 0")
 
     def resolved_uri(self) -> str:
         return self.uri or os.path.join(home(), "data", "scenes")

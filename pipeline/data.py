@@ -7,8 +7,11 @@ randomness depends on (seed, domain, pass, rank) alone and a resumed run sees th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +30,14 @@ from pipeline.shards import Manifest, read_manifest
 log = logging.getLogger(__name__)
 
 DOMAINS = ("A", "B")
+
+IDLE_WORKER_KEEP_MS = 60_000
+"""How long a Ray cluster this project starts keeps an idle worker process. Ray's default
+(1 s, once more workers run than the node has CPUs) ends the fractional-CPU decode workers
+between passes, and every pass then pays seconds of Python imports for new ones (measured: a
+pass over 1024 images ran at half speed). Set on `ray start` as the environment variable
+``RAY_idle_worker_killing_time_threshold_ms``."""
+RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
 
 
 def train_name(domain: str) -> str:
@@ -92,14 +103,43 @@ def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dic
     return {"key": np.array(keys, dtype=object), "image": stacked}
 
 
+@contextlib.contextmanager
+def _data_context(preserve_order: bool):
+    """Ray Data's execution options changed for the datasets made (and run) in the block."""
+    options = ray.data.DataContext.get_current().execution_options
+    saved = options.preserve_order
+    options.preserve_order = preserve_order
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
+CACHE_BLOCK_ROWS = 256
+"""Rows per cached block: small enough that a pass decodes on several CPUs at once."""
+
+
 def domain_dataset(
-    manifest: Manifest, domain: str, cfg: AugmentConfig, seed: int
+    manifest: Manifest, domain: str, cfg: AugmentConfig, seed: int, cache: bool = False
 ) -> ray.data.Dataset:
-    """A streaming Ray Dataset of one domain's training images, decoded and resized."""
+    """A streaming Ray Dataset of one domain's training images, decoded and resized.
+
+    With ``cache`` the encoded rows are read once into Ray's object store, in blocks of
+    ``CACHE_BLOCK_ROWS``; every pass then starts from there instead of listing and reading the
+    shards again, which for a small dataset costs more than decoding it.
+    """
     name = train_name(domain)
-    ds = ray.data.read_parquet(
-        manifest.shard_paths(name), filesystem=manifest.filesystem, num_cpus=0.25
-    ).select_columns(["key", "image"])
+    paths = manifest.shard_paths(name)
+    if cache:
+        # Rows cached in shard order whatever order the read tasks finish in: a seed then
+        # reproduces the passes.
+        with _data_context(preserve_order=True):
+            ds = ray.data.read_parquet(paths, filesystem=manifest.filesystem, num_cpus=0.25)
+            ds = ds.select_columns(["key", "image"])
+            ds = ds.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=manifest.filesystem, num_cpus=0.25)
+        ds = ds.select_columns(["key", "image"])
     ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_resize_batch,
@@ -110,11 +150,19 @@ def domain_dataset(
     )
 
 
-def build_datasets(data_uri: str, cfg: AugmentConfig, seed: int) -> tuple[dict, dict[str, int]]:
-    """``({"A": ds, "B": ds}, {"A": count, "B": count})`` for TorchTrainer(datasets=...)."""
+def use_cache(manifest: Manifest, cache_mb: int) -> bool:
+    """Whether both training domains fit the cache budget of ``cache_mb`` MiB."""
+    size = sum(manifest.datasets.get(train_name(d), {}).get("bytes", 0) for d in DOMAINS)
+    return cache_mb > 0 and size <= cache_mb * 2**20
+
+
+def build_datasets(data_uri: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
+    """``({"A": ds, "B": ds}, {"A": count, "B": count})`` for TorchTrainer(datasets=...);
+    ``cfg`` is a DataConfig (its ``cache_mb`` decides whether the encoded rows are cached)."""
     manifest = read_manifest(data_uri)
     counts = check_dataset(manifest, cfg)
-    datasets = {d: domain_dataset(manifest, d, cfg, seed + i) for i, d in enumerate(DOMAINS)}
+    cache = use_cache(manifest, cfg.cache_mb)
+    datasets = {d: domain_dataset(manifest, d, cfg, seed + i, cache) for i, d in enumerate(DOMAINS)}
     return datasets, counts
 
 
@@ -139,7 +187,13 @@ class DomainStream:
     Passes over the shard follow each other; rows of a batch may span two passes. Pass ``p`` is
     shuffled with a seed of (seed, domain, p, rank) and its crops/flips drawn from the same seed,
     so starting at any step reproduces the batches from there on (``start_row``).
+
+    A background thread reads ahead into a bounded queue and starts the next pass as soon as the
+    current one is read, so the start-up of a pass overlaps the training steps on the previous
+    one instead of stalling them. An error in the thread is raised by ``next_batch``.
     """
+
+    READ_AHEAD = 8  # chunks of up to 16 rows held between the reader thread and the trainer
 
     def __init__(
         self,
@@ -155,18 +209,54 @@ class DomainStream:
         self.shard, self.domain, self.n, self.cfg = shard, domain, rows_per_pass, cfg
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
         self.pass_index, self.offset = divmod(start_row, rows_per_pass)
-        self._rows = self._pass_rows(self.pass_index, skip=self.offset)
+        self.last_keys: list[str] = []
+        self._pending: list[tuple[list[str], torch.Tensor]] = []
+        self._queue: queue.Queue = queue.Queue(maxsize=self.READ_AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._read, name=f"read-{domain}-rank{rank}", daemon=True
+        )
+        self._thread.start()
 
-    def _pass_rows(self, pass_index: int, skip: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read(self) -> None:
+        """Reader thread: chunks of every pass from ``pass_index`` on, into the queue."""
+        pass_index, skip = self.pass_index, self.offset
+        try:
+            while not self._stop.is_set():
+                chunks = self._pass_chunks(pass_index, skip)
+                with contextlib.closing(chunks):  # stops Ray Data's iteration when told to
+                    for chunk in chunks:
+                        if not self._put(chunk):
+                            return
+                pass_index, skip = pass_index + 1, 0
+        except BaseException as exc:  # handed to the trainer, raised there
+            self._put(_ReadFailure(exc))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pass_chunks(self, pass_index: int, skip: int) -> Iterator[tuple[list[str], torch.Tensor]]:
         key = (self.seed, DOMAINS.index(self.domain), pass_index, self.rank)
         params = crop_params(self.n, key)
-        batches = self.shard.iter_batches(
-            batch_size=16,
-            batch_format="numpy",
-            prefetch_batches=4,
-            local_shuffle_buffer_size=self.shuffle_buffer or None,
-            local_shuffle_seed=hash(key) % (2**31) if self.shuffle_buffer else None,
+        batches = iter(
+            self.shard.iter_batches(
+                batch_size=16,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=self.shuffle_buffer or None,
+                local_shuffle_seed=hash(key) % (2**31) if self.shuffle_buffer else None,
+            )
         )
+        with _closed_after(batches):
+            yield from self._pass_rows(batches, params, skip)
+
+    def _pass_rows(self, batches, params: np.ndarray, skip: int):
         i = 0  # rows of this pass seen so far
         for batch in batches:
             images, keys = batch["image"], batch["key"]
@@ -175,33 +265,80 @@ class DomainStream:
             lo, hi = max(0, skip - i), min(len(images), self.n - i)
             if lo < hi:
                 crops = self._crops(images, params, i, lo, hi)
-                yield from zip((str(k) for k in keys[lo:hi]), crops, strict=True)
+                yield [str(k) for k in keys[lo:hi]], crops
             i += len(images)
             if i >= self.n:
                 return
 
-    def _crops(self, images, params: np.ndarray, i: int, lo: int, hi: int):
+    def _crops(self, images, params: np.ndarray, i: int, lo: int, hi: int) -> torch.Tensor:
         """Rows ``lo:hi`` of a batch (rows ``i + lo`` onwards of the pass), cropped and flipped
-        in one call where they share a size."""
+        in one call where they share a size (else one row at a time, stacked)."""
         if self.cfg.preprocess == "none":  # sizes may differ: one image at a time
-            for j in range(lo, hi):
-                yield random_crop_flip([images[j]], params[i + j : i + j + 1], self.cfg)[0]
-        else:
-            yield from random_crop_flip(list(images[lo:hi]), params[i + lo : i + hi], self.cfg)
+            rows = [
+                random_crop_flip([images[j]], params[i + j : i + j + 1], self.cfg)
+                for j in range(lo, hi)
+            ]
+            if len({r.shape for r in rows}) == 1:
+                return torch.cat(rows)
+            return rows  # a list of 1-row tensors; next_batch stacks and checks sizes
+        return random_crop_flip(list(images[lo:hi]), params[i + lo : i + hi], self.cfg)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` rows as NHWC uint8; their keys are in ``last_keys``."""
-        rows, keys = [], []
-        while len(rows) < batch_size:
-            row = next(self._rows, None)
-            if row is None:  # pass over: start the next one
-                self.pass_index += 1
-                self._rows = self._pass_rows(self.pass_index, skip=0)
-                continue
-            keys.append(row[0])
-            rows.append(row[1])
+        keys: list[str] = []
+        parts: list[torch.Tensor] = []
+        need = batch_size
+        while need:
+            if not self._pending:
+                item = self._queue.get()
+                if isinstance(item, _ReadFailure):
+                    self._put(item)  # every later call fails the same way
+                    raise item.exc
+                self._pending.append(item)
+            chunk_keys, rows = self._pending.pop()
+            if isinstance(rows, list):  # unequal sizes: one row at a time
+                rows_list = rows
+                take = min(need, len(rows_list))
+                parts.extend(rows_list[:take])
+                rest = (chunk_keys[take:], rows_list[take:])
+            else:
+                take = min(need, len(rows))
+                parts.append(rows[:take])
+                rest = (chunk_keys[take:], rows[take:])
+            keys.extend(chunk_keys[:take])
+            if rest[0]:
+                self._pending.append(rest)
+            need -= take
         self.last_keys = keys
-        return torch.stack(rows)
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ValueError(
+                "data.preprocess: images of different sizes in one batch; "
+                "use a cropping preprocess or data.batch_size=1"
+            )
+        return torch.cat(parts)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the reader thread and wait for it (it ends after the batch it is reading)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+@contextlib.contextmanager
+def _closed_after(iterator):
+    """Close ``iterator`` (a generator: Ray Data then stops the execution) when done."""
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class _ReadFailure:
+    exc: BaseException
 
 
 class UnpairedBatches:
@@ -237,6 +374,10 @@ class UnpairedBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.plan.batch_size
         return self.streams["A"].next_batch(b), self.streams["B"].next_batch(b)
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
 
 
 def load_samples(data_uri: str, cfg: AugmentConfig, count: int) -> dict[str, torch.Tensor]:

@@ -204,11 +204,14 @@ def connect_ray(cfg: Config) -> bool:
     # one per core, so the data tasks can always be scheduled next to the workers.
     cores = os.cpu_count() or 1
     logical = cores + math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    from pipeline.data import RAY_SYSTEM_CONFIG
+
     ray.init(
         num_cpus=logical,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
+        _system_config=RAY_SYSTEM_CONFIG,
     )
     return True
 

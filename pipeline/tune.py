@@ -277,12 +277,15 @@ def connect(cfg: Config, max_concurrent: int) -> bool:
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env={"env_vars": env})
         return False
+    from pipeline.data import RAY_SYSTEM_CONFIG
+
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU
     ray.init(
         num_cpus=(os.cpu_count() or 1) + math.ceil(max_concurrent * per_trial),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
+        _system_config=RAY_SYSTEM_CONFIG,
     )
     return True
 

@@ -267,102 +267,105 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     images_per_step = world * cfg.data.batch_size
     t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
     t_start, step_start = time.perf_counter(), step
-    while step < last_step:
-        t0 = time.perf_counter()
-        a, b = batches.next()
-        wait_interval += time.perf_counter() - t0
-        real_A = to_input(a.to(device), cfg.train.channels_last)
-        real_B = to_input(b.to(device), cfg.train.channels_last)
-        if _nan_injected(step + 1):
-            real_A = real_A * float("nan")
-        _maybe_inject_fault(step + 1, rank)
-        losses = train_step(
-            nets,
-            opts,
-            pools,
-            real_A,
-            real_B,
-            cfg.loss,
-            dtype,
-            fuse,
-            skip_nonfinite=cfg.train.on_nonfinite == "skip",
-        )
-        step += 1
-        steps_interval += 1
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        if bad and cfg.train.on_nonfinite == "stop":
-            raise NonFiniteLoss(
-                f"non-finite loss at step {step} ({', '.join(bad)}); the run stops here and the "
-                "last checkpoint (written before this step) is kept"
+    try:
+        while step < last_step:
+            t0 = time.perf_counter()
+            a, b = batches.next()
+            wait_interval += time.perf_counter() - t0
+            real_A = to_input(a.to(device), cfg.train.channels_last)
+            real_B = to_input(b.to(device), cfg.train.channels_last)
+            if _nan_injected(step + 1):
+                real_A = real_A * float("nan")
+            _maybe_inject_fault(step + 1, rank)
+            losses = train_step(
+                nets,
+                opts,
+                pools,
+                real_A,
+                real_B,
+                cfg.loss,
+                dtype,
+                fuse,
+                skip_nonfinite=cfg.train.on_nonfinite == "skip",
             )
-        epoch_end = step % steps_per_epoch == 0
-        if epoch_end:
-            epoch += 1
-            for s in scheds.values():
-                s.step()
-
-        if step % cfg.train.log_every == 0 or step == last_step:
-            now = time.perf_counter()
-            elapsed = now - t_interval
-            metrics = dict(losses)
-            metrics["lr"] = opts.G.param_groups[0]["lr"]
-            metrics["throughput/images_per_s"] = steps_interval * images_per_step / elapsed
-            metrics["data/wait_fraction"] = wait_interval / elapsed
-            metrics["epoch"] = epoch + (step % steps_per_epoch) / steps_per_epoch
-            metrics["nonfinite_steps"] = float(len(bad) > 0)
-            # Peak resident memory of this worker process so far (Linux reports KiB).
-            metrics["memory/peak_rss_mib"] = (
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            )
-            sink.log_metrics(metrics, step)
-            if rank == 0:
-                rate = (step - step_start) / (now - t_start)
-                eta = (last_step - step) / rate if rate > 0 else float("nan")
-                say(
-                    f"[train] epoch {epoch} step {step}/{last_step} "
-                    f"G {losses['loss/G']:.3f} D_A {losses['loss/D_A']:.3f} D_B {losses['loss/D_B']:.3f} "
-                    f"cyc {losses['loss/cycle_A']:.3f}/{losses['loss/cycle_B']:.3f} "
-                    f"{metrics['throughput/images_per_s']:.1f} img/s "
-                    f"wait {100 * metrics['data/wait_fraction']:.0f}% ETA {eta:.0f}s",
+            step += 1
+            steps_interval += 1
+            bad = [k for k, v in losses.items() if not math.isfinite(v)]
+            if bad and cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step} ({', '.join(bad)}); the run stops here and the "
+                    "last checkpoint (written before this step) is kept"
                 )
-            t_interval, wait_interval, steps_interval = now, 0.0, 0
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end:
+                epoch += 1
+                for s in scheds.values():
+                    s.step()
 
-        if rank == 0 and (step % cfg.train.sample_every == 0 or step == last_step):
-            out = translate_cycle(nets, samples["A"], samples["B"])
-            grid = image_grid(
-                [
-                    samples["A"],
-                    out["fake_B"],
-                    out["rec_A"],
-                    samples["B"],
-                    out["fake_A"],
-                    out["rec_B"],
-                ]
-            )
-            sink.log_image(grid, "samples", step)
-
-        eval_due = evaluating and (
-            step == last_step
-            or (epoch_end if not cfg.train.eval_every else step % cfg.train.eval_every == 0)
-        )
-        if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step or eval_due:
-            metrics = {"step": step, "epoch": epoch, **losses}
-            ckpt = None
-            if rank == 0:
-                if eval_due or (evaluating and not last_eval):
-                    scores = evaluation()
-                    last_eval = {f"eval/{k}": v for k, v in scores.items()}
-                    sink.log_metrics(last_eval, step)
-                metrics.update(last_eval)
-                ckpt = make_checkpoint(
-                    step=step,
-                    epoch=epoch,
-                    config=cfg.to_dict(),
-                    nets=nets,
-                    optimizers=opts,
-                    schedulers=scheds,
-                    pools=pools,
-                    mlflow_run_id=run_id,
+            if step % cfg.train.log_every == 0 or step == last_step:
+                now = time.perf_counter()
+                elapsed = now - t_interval
+                metrics = dict(losses)
+                metrics["lr"] = opts.G.param_groups[0]["lr"]
+                metrics["throughput/images_per_s"] = steps_interval * images_per_step / elapsed
+                metrics["data/wait_fraction"] = wait_interval / elapsed
+                metrics["epoch"] = epoch + (step % steps_per_epoch) / steps_per_epoch
+                metrics["nonfinite_steps"] = float(len(bad) > 0)
+                # Peak resident memory of this worker process so far (Linux reports KiB).
+                metrics["memory/peak_rss_mib"] = (
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 )
-            _report(runtime, metrics, ckpt)
+                sink.log_metrics(metrics, step)
+                if rank == 0:
+                    rate = (step - step_start) / (now - t_start)
+                    eta = (last_step - step) / rate if rate > 0 else float("nan")
+                    say(
+                        f"[train] epoch {epoch} step {step}/{last_step} "
+                        f"G {losses['loss/G']:.3f} D_A {losses['loss/D_A']:.3f} D_B {losses['loss/D_B']:.3f} "
+                        f"cyc {losses['loss/cycle_A']:.3f}/{losses['loss/cycle_B']:.3f} "
+                        f"{metrics['throughput/images_per_s']:.1f} img/s "
+                        f"wait {100 * metrics['data/wait_fraction']:.0f}% ETA {eta:.0f}s",
+                    )
+                t_interval, wait_interval, steps_interval = now, 0.0, 0
+
+            if rank == 0 and (step % cfg.train.sample_every == 0 or step == last_step):
+                out = translate_cycle(nets, samples["A"], samples["B"])
+                grid = image_grid(
+                    [
+                        samples["A"],
+                        out["fake_B"],
+                        out["rec_A"],
+                        samples["B"],
+                        out["fake_A"],
+                        out["rec_B"],
+                    ]
+                )
+                sink.log_image(grid, "samples", step)
+
+            eval_due = evaluating and (
+                step == last_step
+                or (epoch_end if not cfg.train.eval_every else step % cfg.train.eval_every == 0)
+            )
+            if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step or eval_due:
+                metrics = {"step": step, "epoch": epoch, **losses}
+                ckpt = None
+                if rank == 0:
+                    if eval_due or (evaluating and not last_eval):
+                        scores = evaluation()
+                        last_eval = {f"eval/{k}": v for k, v in scores.items()}
+                        sink.log_metrics(last_eval, step)
+                    metrics.update(last_eval)
+                    ckpt = make_checkpoint(
+                        step=step,
+                        epoch=epoch,
+                        config=cfg.to_dict(),
+                        nets=nets,
+                        optimizers=opts,
+                        schedulers=scheds,
+                        pools=pools,
+                        mlflow_run_id=run_id,
+                    )
+                _report(runtime, metrics, ckpt)
+    finally:
+        batches.close()
     sink.close()

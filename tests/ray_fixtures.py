@@ -37,7 +37,13 @@ def ray_head():
     os.environ.update(RAY_ENV)
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {**os.environ, **RAY_ENV}
+    from pipeline.data import IDLE_WORKER_KEEP_MS
+
+    env = {
+        **os.environ,
+        **RAY_ENV,
+        "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
+    }
     cmd = [
         str(VENV_BIN / "ray"),
         "start",

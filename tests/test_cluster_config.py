@@ -336,6 +336,16 @@ def test_every_node_gets_the_tracking_uri(config):
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:" in worker_start
 
 
+def test_every_node_keeps_idle_data_workers(config):
+    from pipeline.data import IDLE_WORKER_KEEP_MS
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        match = re.search(r"RAY_idle_worker_killing_time_threshold_ms=(\d+)\s", start)
+        assert match, f"{key}: `ray start` without the idle-worker setting"
+        assert int(match.group(1)) == IDLE_WORKER_KEEP_MS
+
+
 # credentials and network exposure
 
 

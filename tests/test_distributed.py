@@ -253,3 +253,50 @@ def test_reads_shards_from_s3(ray_client, s3_env, tmp_path):
     logs = run_lockstep(uri, tmp_path, workers=1, epochs=1)
     assert logs[0]["steps_per_epoch"] == 6
     assert len({k for b in logs[0]["A"] for k in b}) == 6
+
+
+def _fail_on(batch: dict, bad: str) -> dict:
+    if bad in set(batch["key"]):
+        raise RuntimeError(f"cannot read {bad}")
+    return batch
+
+
+def test_stream_reads_passes_ahead_and_resumes_mid_pass(ray_client, tmp_path):
+    """The reader thread crosses pass boundaries on its own; a stream started at row r yields
+    exactly what an uninterrupted stream yields from row r on (crops included)."""
+    from pipeline.config import DataConfig
+    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.shards import read_manifest
+
+    root = write_domains(tmp_path / "data", {"trainA": 9, "trainB": 1})
+    cfg = DataConfig(load_size=12, crop_size=8, shuffle_buffer=4)
+    manifest = read_manifest(root)
+    ds = domain_dataset(manifest, "A", cfg, seed=0)
+    full = DomainStream(ds, "A", 9, cfg, seed=1, rank=0, shuffle_buffer=4)
+    rows = [full.next_batch(4) for _ in range(6)]  # 24 rows: nearly three passes
+    keys = list(full.last_keys)
+    full.close()
+    full._thread.join(timeout=20)
+    assert not full._thread.is_alive()  # the reader thread ends once told to
+    later = DomainStream(ds, "A", 9, cfg, seed=1, rank=0, shuffle_buffer=4, start_row=20)
+    assert torch.equal(later.next_batch(4), rows[5])
+    assert later.last_keys == keys
+    later.close()
+
+
+def test_stream_raises_a_read_error_instead_of_hanging(ray_client, tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.shards import read_manifest
+
+    root = write_domains(tmp_path / "data", {"trainA": 6, "trainB": 1})
+    cfg = DataConfig(load_size=12, crop_size=8, shuffle_buffer=0)
+    ds = domain_dataset(read_manifest(root), "A", cfg, seed=0)
+    ds = ds.map_batches(_fail_on, fn_kwargs={"bad": "trainA/003.png"}, batch_size=None)
+    stream = DomainStream(ds, "A", 6, cfg, seed=0, rank=0, shuffle_buffer=0)
+    with pytest.raises(Exception, match="cannot read trainA/003.png"):
+        for _ in range(6):
+            stream.next_batch(1)
+    with pytest.raises(Exception, match="cannot read trainA/003.png"):
+        stream.next_batch(1)  # and again: the error stays
+    stream.close()

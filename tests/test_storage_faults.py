@@ -156,8 +156,10 @@ def test_training_rides_through_outages_while_reading_and_uploading(
     # The first checkpoint upload is cut half-way and the server stays away for 3 s; then
     # the first shard read after that meets another 3 s outage.
     proxy.cut_when(b"checkpoint.pt HTTP/1.1", OUTAGE_S)
+    # data.cache_mb=0: every pass reads the shards from the bucket again (the streaming path).
+    args = [*_tiny(data, f"{bucket}/runs", "flaky", 30), "--set", "data.cache_mb=0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", *_tiny(data, f"{bucket}/runs", "flaky", 30)],
+        [sys.executable, "-m", "pipeline.train", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -65,10 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--load-size", type=int, default=286)
     data.add_argument("--crop-size", type=int, default=256)
     data.add_argument("--source-size", type=int, default=300, help="side of the stored JPEGs")
-    data.add_argument("--images", type=int, default=256, help="JPEGs in the shards")
+    data.add_argument(
+        "--images", type=int, default=1024, help="JPEGs in the shards (horse2zebra: 1067)"
+    )
     data.add_argument("--root", help="where the shards go (default $CYCLEGAN_HOME/bench/...)")
     data.add_argument("--workers", default="1,2", help="CPUs per measurement, comma-separated")
     data.add_argument("--batch-size", type=int, default=16)
+    data.add_argument(
+        "--cache-mb",
+        type=int,
+        default=C.DataConfig.cache_mb,
+        help="data.cache_mb of the Ray Data path (0: read the shards on every pass)",
+    )
     data.add_argument("--seconds", type=float, default=20.0, help="timed seconds per measurement")
     data.add_argument("--warmup-batches", type=int, default=4)
     data.add_argument("--repeats", type=int, default=2, help="rounds over all measurements")

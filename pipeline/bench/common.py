@@ -139,7 +139,11 @@ def in_fresh_process(fn, *args):
     except EOFError:
         process.join()
         status, value = "error", f"the process exited with code {process.exitcode}"
-    process.join()
+    # The result is in; a child stuck tearing down (a Ray of its own) is not waited for long.
+    process.join(60)
+    if process.is_alive():
+        process.kill()
+        process.join()
     if status == "error":
         raise RuntimeError(f"{fn.__name__} failed:\n{value}")
     return value

@@ -97,15 +97,18 @@ def _torch_batches(root: str, cfg, cores: int, batch_size: int):
 
 def _ray_batches(root: str, cfg, batch_size: int):
     from cyclegan.transforms import to_input
-    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.data import DomainStream, domain_dataset, use_cache
     from pipeline.shards import read_manifest
 
     manifest = read_manifest(root)
-    ds = domain_dataset(manifest, "A", cfg, seed=0)
+    ds = domain_dataset(manifest, "A", cfg, seed=0, cache=use_cache(manifest, cfg.cache_mb))
     # The training worker's own reader: local shuffle, seeded crop + flip per image.
     stream = DomainStream(ds, "A", manifest.count("trainA"), cfg, 0, 0, cfg.shuffle_buffer)
-    while True:
-        yield len(to_input(stream.next_batch(batch_size)))
+    try:
+        while True:
+            yield len(to_input(stream.next_batch(batch_size)))
+    finally:
+        stream.close()
 
 
 def _data_process(path: str, root: str, cfg_dict: dict, cores: int, args: dict) -> dict:
@@ -113,12 +116,18 @@ def _data_process(path: str, root: str, cfg_dict: dict, cores: int, args: dict) 
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
     torch.set_num_threads(cores)
     cfg = C.DataConfig(**cfg_dict)
-    ray = None
     if path == "ray":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        from pipeline.data import RAY_SYSTEM_CONFIG
+
+        ray.init(
+            num_cpus=cores,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=RAY_SYSTEM_CONFIG,
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
         batches = _ray_batches(root, cfg, args["batch_size"])
     else:
@@ -133,13 +142,12 @@ def _data_process(path: str, root: str, cfg_dict: dict, cores: int, args: dict) 
         seconds = time.perf_counter() - t0
     finally:
         batches.close()
-        if ray is not None:
-            ray.shutdown()
+    # Ray (when started) shuts down as this process exits, after the result is sent.
     return {"images": images, "seconds": seconds, "startup_s": t0 - t_start}
 
 
 def bench_data(args: argparse.Namespace) -> dict:
-    cfg = C.DataConfig(load_size=args.load_size, crop_size=args.crop_size)
+    cfg = C.DataConfig(load_size=args.load_size, crop_size=args.crop_size, cache_mb=args.cache_mb)
     root = args.root or os.path.join(C.home(), "bench", f"jpeg-{args.source_size}")
     t0 = time.perf_counter()
     make_jpeg_dataset(root, args.images, args.source_size)
