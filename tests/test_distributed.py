@@ -261,15 +261,20 @@ def _fail_on(batch: dict, bad: str) -> dict:
     return batch
 
 
-def test_stream_reads_passes_ahead_and_resumes_mid_pass(ray_client, tmp_path):
+def test_stream_reads_passes_ahead_and_resumes_mid_pass(ray_client, tmp_path, monkeypatch):
     """The reader thread crosses pass boundaries on its own; a stream started at row r yields
     exactly what an uninterrupted stream yields from row r on (crops included)."""
+    import ray
+
     from pipeline.config import DataConfig
     from pipeline.data import DomainStream, domain_dataset
     from pipeline.shards import read_manifest
 
     root = write_domains(tmp_path / "data", {"trainA": 9, "trainB": 1})
     cfg = DataConfig(load_size=12, crop_size=8, shuffle_buffer=4)
+    # As training runs it (data.deterministic): Ray Data keeps the order of the blocks.
+    options = ray.data.DataContext.get_current().execution_options
+    monkeypatch.setattr(options, "preserve_order", True)
     manifest = read_manifest(root)
     ds = domain_dataset(manifest, "A", cfg, seed=0)
     full = DomainStream(ds, "A", 9, cfg, seed=1, rank=0, shuffle_buffer=4)
