@@ -29,8 +29,10 @@ MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
 
 
 def tracking_env(cfg: Config) -> dict[str, str]:
-    """Environment variables workers need to reach the tracking store."""
-    return {"MLFLOW_TRACKING_URI": cfg.tracking.resolved_uri()}
+    """Environment variables workers need to reach the tracking store, plus MLflow's own
+    system-metrics settings (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, ...) where set."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_SYSTEM_METRICS_")}
+    return {**env, "MLFLOW_TRACKING_URI": cfg.tracking.resolved_uri()}
 
 
 def _client(cfg: Config) -> MlflowClient:

@@ -164,3 +164,14 @@ def test_write_bytes_atomic_leaves_no_temporary_files(tmp_path):
     assert (tmp_path / "sub" / "manifest.json").read_bytes() == b"two"
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["manifest.json"]
     assert storage.read_bytes(str(tmp_path / "sub" / "manifest.json")) == b"two"
+
+
+def test_worker_env_carries_tracking_and_mlflow_system_metrics_settings(monkeypatch):
+    from pipeline.config import preset
+    from pipeline.train import worker_env
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
+    monkeypatch.setenv("MLFLOW_OTHER_SETTING", "x")
+    env = worker_env(preset("tiny"))
+    assert env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "2"
+    assert env["MLFLOW_TRACKING_URI"] and "MLFLOW_OTHER_SETTING" not in env

@@ -86,7 +86,8 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
             "e2e",
         ],
         tmp_path,
-        ray_head.env,
+        # A sample a second (MLflow's default is 10 s; this run may be shorter than that).
+        {**ray_head.env, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert '"num_workers": 2' in res.stdout  # the resolved config is printed
