@@ -129,17 +129,14 @@ def domain_dataset(
     shards again, which for a small dataset costs more than decoding it.
     """
     name = train_name(domain)
-    paths = manifest.shard_paths(name)
-    if cache:
-        # Rows cached in shard order whatever order the read tasks finish in: a seed then
-        # reproduces the passes.
-        with _data_context(preserve_order=True):
-            ds = ray.data.read_parquet(paths, filesystem=manifest.filesystem, num_cpus=0.25)
-            ds = ds.select_columns(["key", "image"])
+    # Rows cached in shard order whatever order the read tasks finish in: a seed then
+    # reproduces the passes.
+    with _data_context(preserve_order=True) if cache else contextlib.nullcontext():
+        ds = ray.data.read_parquet(
+            manifest.shard_paths(name), filesystem=manifest.filesystem, num_cpus=0.25
+        ).select_columns(["key", "image"])
+        if cache:
             ds = ds.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
-    else:
-        ds = ray.data.read_parquet(paths, filesystem=manifest.filesystem, num_cpus=0.25)
-        ds = ds.select_columns(["key", "image"])
     ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_resize_batch,
@@ -270,17 +267,14 @@ class DomainStream:
             if i >= self.n:
                 return
 
-    def _crops(self, images, params: np.ndarray, i: int, lo: int, hi: int) -> torch.Tensor:
-        """Rows ``lo:hi`` of a batch (rows ``i + lo`` onwards of the pass), cropped and flipped
-        in one call where they share a size (else one row at a time, stacked)."""
-        if self.cfg.preprocess == "none":  # sizes may differ: one image at a time
-            rows = [
+    def _crops(self, images, params: np.ndarray, i: int, lo: int, hi: int):
+        """Rows ``lo:hi`` of a batch (rows ``i + lo`` onwards of the pass), cropped and flipped:
+        one NHWC tensor, or with ``preprocess=none`` (sizes may differ) a list of 1-row ones."""
+        if self.cfg.preprocess == "none":
+            return [
                 random_crop_flip([images[j]], params[i + j : i + j + 1], self.cfg)
                 for j in range(lo, hi)
             ]
-            if len({r.shape for r in rows}) == 1:
-                return torch.cat(rows)
-            return rows  # a list of 1-row tensors; next_batch stacks and checks sizes
         return random_crop_flip(list(images[lo:hi]), params[i + lo : i + hi], self.cfg)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
@@ -295,19 +289,16 @@ class DomainStream:
                     self._put(item)  # every later call fails the same way
                     raise item.exc
                 self._pending.append(item)
-            chunk_keys, rows = self._pending.pop()
-            if isinstance(rows, list):  # unequal sizes: one row at a time
-                rows_list = rows
-                take = min(need, len(rows_list))
-                parts.extend(rows_list[:take])
-                rest = (chunk_keys[take:], rows_list[take:])
+            chunk_keys, rows = self._pending.pop()  # a tensor or a list of 1-row tensors
+            take = min(need, len(rows))
+            piece = rows[:take]
+            if isinstance(piece, list):
+                parts.extend(piece)
             else:
-                take = min(need, len(rows))
-                parts.append(rows[:take])
-                rest = (chunk_keys[take:], rows[take:])
+                parts.append(piece)
             keys.extend(chunk_keys[:take])
-            if rest[0]:
-                self._pending.append(rest)
+            if take < len(rows):
+                self._pending.append((chunk_keys[take:], rows[take:]))
             need -= take
         self.last_keys = keys
         if len(parts) == 1:

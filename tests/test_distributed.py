@@ -305,3 +305,34 @@ def test_stream_raises_a_read_error_instead_of_hanging(ray_client, tmp_path):
     with pytest.raises(Exception, match="cannot read trainA/003.png"):
         stream.next_batch(1)  # and again: the error stays
     stream.close()
+
+
+def test_stream_without_preprocessing_keeps_each_image_size(ray_client, tmp_path, monkeypatch):
+    """preprocess=none: batches of 1 carry each image at its own size; a batch that would mix
+    sizes is refused with a message naming the setting."""
+    import ray
+
+    from pipeline.config import DataConfig
+    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.shards import read_manifest
+
+    entries = {}
+    for name, sizes in {"trainA": [8, 12, 8, 12], "trainB": [8]}.items():
+        with ShardWriter(str(tmp_path), name) as writer:
+            for i, side in enumerate(sizes):
+                buf = io.BytesIO()
+                Image.new("RGB", (side, side), (i * 40, 0, 0)).save(buf, "PNG")
+                writer.add(f"{name}/{i}.png", buf.getvalue(), side, side, "PNG")
+        entries[name] = writer.close()
+    write_manifest(str(tmp_path), build_manifest("test", entries))
+    options = ray.data.DataContext.get_current().execution_options
+    monkeypatch.setattr(options, "preserve_order", True)
+    cfg = DataConfig(preprocess="none", shuffle_buffer=0, flip=False)
+    ds = domain_dataset(read_manifest(str(tmp_path)), "A", cfg, seed=0)
+    stream = DomainStream(ds, "A", 4, cfg, seed=0, rank=0, shuffle_buffer=0)
+    sides = sorted(stream.next_batch(1).shape[1] for _ in range(4))
+    assert sides == [8, 8, 12, 12]
+    with pytest.raises(ValueError, match="data.preprocess"):
+        for _ in range(4):
+            stream.next_batch(2)  # some pair mixes 8 px and 12 px
+    stream.close()
