@@ -6,30 +6,43 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from cyclegan.config import AugmentConfig
 
 
-def resize_for_load(img: Image.Image, cfg: AugmentConfig) -> Image.Image:
-    """The deterministic part of preprocessing (bicubic resize; no randomness)."""
+def resize_bicubic(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``img`` resized to ``size`` = (width, height) with antialiased bicubic interpolation, as
+    HxWx3 uint8. torchvision's uint8 kernel: it matches PIL's bicubic to within 2 levels and
+    runs about 5x faster on one core."""
+    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch does not take read-only buffers
+    if (arr.shape[1], arr.shape[0]) == tuple(size):
+        return arr
+    chw = torch.from_numpy(arr).permute(2, 0, 1)  # channels-last layout, the kernel's fast path
+    out = F.resize(
+        chw, [size[1], size[0]], interpolation=F.InterpolationMode.BICUBIC, antialias=True
+    )
+    return out.permute(1, 2, 0).contiguous().numpy()
+
+
+def resize_for_load(img: Image.Image | np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    """The deterministic part of preprocessing (bicubic resize; no randomness), as HxWx3 uint8."""
     if cfg.preprocess == "resize_and_crop":
-        return img.resize((cfg.load_size, cfg.load_size), Image.BICUBIC)
+        return resize_bicubic(img, (cfg.load_size, cfg.load_size))
     if cfg.preprocess == "scale_width_and_crop":
-        w, h = img.size
+        w, h = img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
         # Width becomes load_size; height keeps the aspect ratio but never drops below the crop.
         # Capped at 4x the width: a 1x32768 strip must not become a multi-GB canvas.
         new_h = int(min(max(cfg.load_size * h / w, cfg.crop_size), 4 * cfg.load_size))
-        if (w, h) == (cfg.load_size, new_h):
-            return img
-        return img.resize((cfg.load_size, new_h), Image.BICUBIC)
-    return img  # crop, none
+        return resize_bicubic(img, (cfg.load_size, new_h))
+    return np.asarray(img, dtype=np.uint8)  # crop, none
 
 
-def eval_view(img: Image.Image, cfg: AugmentConfig) -> Image.Image:
+def eval_view(img: Image.Image | np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     """A fixed, whole-image view at the training resolution (for samples and evaluation)."""
     if cfg.preprocess == "none":
-        return img
-    return img.resize((cfg.crop_size, cfg.crop_size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+    return resize_bicubic(img, (cfg.crop_size, cfg.crop_size))
 
 
 def crop_params(n: int, seed: tuple[int, ...]) -> np.ndarray:
@@ -42,9 +55,10 @@ def random_crop_flip(
 ) -> torch.Tensor:
     """Crop each HxWx3 uint8 image to ``crop_size`` at the offsets in ``params`` (from
     ``crop_params``), flip it when its draw is < 0.5 and ``cfg.flip``; returns NHWC uint8.
-    Each image is copied once, straight into the output batch."""
+    Each crop is copied once, straight into the output batch; the flips are done there, in
+    place, by torch (a numpy copy through a reversed view is about 10x slower)."""
     views = []
-    for img, (top_f, left_f, flip_f) in zip(images, params, strict=True):
+    for img, (top_f, left_f, _) in zip(images, params, strict=True):
         if cfg.preprocess != "none":
             h, w = img.shape[:2]
             c = cfg.crop_size
@@ -55,8 +69,6 @@ def random_crop_flip(
                 )
             top, left = int(top_f * (h - c + 1)), int(left_f * (w - c + 1))
             img = img[top : top + c, left : left + c]
-        if cfg.flip and flip_f < 0.5:
-            img = img[:, ::-1]
         views.append(img)
     shapes = {im.shape for im in views}
     if len(shapes) > 1:
@@ -67,17 +79,23 @@ def random_crop_flip(
     out = np.empty((len(views), *views[0].shape), dtype=np.uint8)
     for k, view in enumerate(views):
         out[k] = view
-    return torch.from_numpy(out)
+    batch = torch.from_numpy(out)
+    if cfg.flip:
+        for k in np.flatnonzero(params[:, 2] < 0.5):
+            batch[k] = batch[k].flip(1)
+    return batch
 
 
 def to_input(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """NHWC uint8 -> NCHW float in [-1, 1] (on the batch's device), converted in one pass
-    into the requested memory format, then shifted in place."""
-    nchw = batch.permute(0, 3, 1, 2)  # already the channels_last layout of NCHW
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty(nchw.shape, dtype=torch.float32, device=batch.device, memory_format=fmt)
-    torch.mul(nchw, 1 / 127.5, out=x)
-    return x.sub_(1.0)
+    """NHWC uint8 -> NCHW float in [-1, 1] (on the batch's device), in the requested memory
+    format. The NHWC batch already is NCHW in channels_last layout; for the contiguous format
+    the transpose is done on the uint8 values (4x fewer bytes than on floats; 2x faster than
+    converting through the strided view)."""
+    nchw = batch.permute(0, 3, 1, 2)
+    if not channels_last:
+        nchw = nchw.contiguous()
+    x = torch.empty_like(nchw, dtype=torch.float32)  # keeps nchw's layout
+    return x.copy_(nchw).mul_(1 / 127.5).sub_(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from cyclegan.metrics import (
     label_scores,
 )
 from cyclegan.train_step import unwrap
-from cyclegan.transforms import image_grid, to_input
+from cyclegan.transforms import image_grid, resize_bicubic, to_input
 from pipeline import config as C
 from pipeline.data import read_columns
 from pipeline.images import decode_image
@@ -93,11 +93,16 @@ def read_pairs(manifest: Manifest, split: str, limit: int | None) -> list[tuple[
     return pairs
 
 
-def _decode(key: str, data: bytes, size: tuple[int, int] | None, resample) -> np.ndarray:
+def _decode(
+    key: str, data: bytes, size: tuple[int, int] | None, nearest: bool = False
+) -> np.ndarray:
+    """The image as HxWx3 uint8, resized to ``size`` (bicubic as in training, or nearest)."""
     img = decode_image(data, key)
-    if size is not None and img.size != size:
-        img = img.resize(size, resample)
-    return np.asarray(img, dtype=np.uint8)
+    if size is None or img.size == size:
+        return np.asarray(img, dtype=np.uint8)
+    if nearest:
+        return np.asarray(img.resize(size, Image.NEAREST), dtype=np.uint8)
+    return resize_bicubic(img, size)
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -112,7 +117,7 @@ def image_batches(
     target = (size, size) if size else None
     pending: list[np.ndarray] = []
     for key, data in rows:
-        arr = _decode(key, data, target, Image.BICUBIC)
+        arr = _decode(key, data, target)
         if pending and (len(pending) == batch_size or pending[0].shape != arr.shape):
             yield _stack(pending)
             pending = []
@@ -131,11 +136,11 @@ def pair_batches(
     """
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for key, a_data, b_data in pairs:
-        b = _decode(key, b_data, (size, size) if size else None, Image.BICUBIC)
+        b = _decode(key, b_data, (size, size) if size else None)
         target = (b.shape[1], b.shape[0])
         row = (
-            _decode(key, a_data, target, Image.BICUBIC),
-            _decode(key, a_data, target, Image.NEAREST),
+            _decode(key, a_data, target),
+            _decode(key, a_data, target, nearest=True),
             b,
         )
         if pending and (len(pending) == batch_size or pending[0][2].shape != b.shape):

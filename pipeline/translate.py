@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from cyclegan.config import ModelConfig
-from cyclegan.transforms import to_input, to_uint8
+from cyclegan.transforms import resize_bicubic, to_input, to_uint8
 from pipeline import storage
 from pipeline.images import BadImage, decode_image, encode_image
 
@@ -198,9 +198,7 @@ class Translator:
                 out["height"].append(0)
                 continue
             size = scaled_size(*img.size, self.load_size)
-            if size != img.size:
-                img = img.resize(size, Image.BICUBIC)
-            by_size.setdefault(size, []).append((key, np.asarray(img, dtype=np.uint8)))
+            by_size.setdefault(size, []).append((key, resize_bicubic(img, size)))
         # Images of one size share a forward pass; others go one size group at a time.
         for (width, height), group in by_size.items():
             x = to_input(torch.from_numpy(np.stack([a for _, a in group])).to(self.device))
