@@ -8,6 +8,7 @@ randomness depends on (seed, domain, pass, rank) alone and a resumed run sees th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import queue
@@ -105,14 +106,20 @@ def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dic
 
 @contextlib.contextmanager
 def _data_context(preserve_order: bool):
-    """Ray Data's execution options changed for the datasets made (and run) in the block."""
-    options = ray.data.DataContext.get_current().execution_options
-    saved = options.preserve_order
+    """Ray Data's settings for the datasets made (and run) in the block.
+
+    Per-operator resource reservation is off: with it on, Ray Data keeps the decode step of a
+    small pipeline to about one task at a time (measured: one decode worker busy of two, and
+    the pass ~25% slower on 2 CPUs). Memory stays bounded by the object-store budget."""
+    context = ray.data.DataContext.get_current()
+    options = context.execution_options
+    saved = options.preserve_order, context.op_resource_reservation_enabled
     options.preserve_order = preserve_order
+    context.op_resource_reservation_enabled = False
     try:
         yield
     finally:
-        options.preserve_order = saved
+        options.preserve_order, context.op_resource_reservation_enabled = saved
 
 
 CACHE_BLOCK_ROWS = 256
@@ -129,22 +136,21 @@ def domain_dataset(
     shards again, which for a small dataset costs more than decoding it.
     """
     name = train_name(domain)
-    # Rows cached in shard order whatever order the read tasks finish in: a seed then
-    # reproduces the passes.
-    with _data_context(preserve_order=True) if cache else contextlib.nullcontext():
+    # With the cache, rows are cached in shard order whatever order the read tasks finish in:
+    # a seed then reproduces the passes.
+    with _data_context(preserve_order=cache):
         ds = ray.data.read_parquet(
             manifest.shard_paths(name), filesystem=manifest.filesystem, num_cpus=0.25
         ).select_columns(["key", "image"])
         if cache:
             ds = ds.repartition(target_num_rows_per_block=CACHE_BLOCK_ROWS).materialize()
-    ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(
-        decode_resize_batch,
-        fn_kwargs={"cfg": cfg},
-        batch_format="numpy",
-        batch_size=16,
-        num_cpus=0.5,
-    )
+        return ds.randomize_block_order(seed=seed).map_batches(
+            decode_resize_batch,
+            fn_kwargs={"cfg": cfg},
+            batch_format="numpy",
+            batch_size=16,
+            num_cpus=0.5,
+        )
 
 
 def use_cache(manifest: Manifest, cache_mb: int) -> bool:
@@ -242,40 +248,56 @@ class DomainStream:
         key = (self.seed, DOMAINS.index(self.domain), pass_index, self.rank)
         params = crop_params(self.n, key)
         batches = iter(
-            self.shard.iter_batches(
-                batch_size=16,
-                batch_format="numpy",
-                prefetch_batches=2,
-                local_shuffle_buffer_size=self.shuffle_buffer or None,
-                local_shuffle_seed=hash(key) % (2**31) if self.shuffle_buffer else None,
-            )
+            self.shard.iter_batches(batch_size=16, batch_format="numpy", prefetch_batches=2)
         )
         with _closed_after(batches):
-            yield from self._pass_rows(batches, params, skip)
+            rows = self._shuffled(batches, np.random.default_rng([*key, 1]))
+            yield from self._pass_rows(rows, params, skip)
 
-    def _pass_rows(self, batches, params: np.ndarray, skip: int):
-        i = 0  # rows of this pass seen so far
+    def _shuffled(self, batches, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
+        """The rows of ``batches`` through a shuffle buffer of ``shuffle_buffer`` rows: each row
+        out is drawn at random from the buffer. The buffer holds views of Ray's blocks, so
+        shuffling copies no pixels."""
+        buffer: list[tuple[str, np.ndarray]] = []
         for batch in batches:
-            images, keys = batch["image"], batch["key"]
-            # Equal split: a rank never sees more than n rows per pass; rows before ``skip``
-            # were consumed before a resume.
-            lo, hi = max(0, skip - i), min(len(images), self.n - i)
-            if lo < hi:
-                crops = self._crops(images, params, i, lo, hi)
-                yield [str(k) for k in keys[lo:hi]], crops
-            i += len(images)
-            if i >= self.n:
-                return
+            for row in zip(batch["key"], batch["image"], strict=True):
+                buffer.append(row)
+                if len(buffer) >= max(1, self.shuffle_buffer):
+                    yield self._draw(buffer, rng)
+        while buffer:
+            yield self._draw(buffer, rng)
 
-    def _crops(self, images, params: np.ndarray, i: int, lo: int, hi: int):
-        """Rows ``lo:hi`` of a batch (rows ``i + lo`` onwards of the pass), cropped and flipped:
-        one NHWC tensor, or with ``preprocess=none`` (sizes may differ) a list of 1-row ones."""
+    @staticmethod
+    def _draw(buffer: list, rng: np.random.Generator):
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        return buffer.pop()
+
+    def _pass_rows(self, rows, params: np.ndarray, skip: int, chunk: int = 16):
+        """Chunks of up to ``chunk`` rows, cropped and flipped, of the first ``n`` rows of a pass
+        from row ``skip`` on (rows before it were consumed before a resume). A rank never sees
+        more than ``n`` rows per pass (the equal split)."""
+        keys: list[str] = []
+        images: list[np.ndarray] = []
+        for i, (key, image) in enumerate(itertools.islice(rows, self.n)):
+            if i < skip:
+                continue
+            keys.append(str(key))
+            images.append(image)
+            if len(images) == chunk:
+                yield keys, self._crops(images, params[i + 1 - chunk : i + 1])
+                keys, images = [], []
+        if images:
+            yield keys, self._crops(images, params[i + 1 - len(images) : i + 1])
+
+    def _crops(self, images: list[np.ndarray], params: np.ndarray):
+        """Images cropped and flipped with their ``params``: one NHWC tensor, or with
+        ``preprocess=none`` (sizes may differ) a list of 1-row ones."""
         if self.cfg.preprocess == "none":
             return [
-                random_crop_flip([images[j]], params[i + j : i + j + 1], self.cfg)
-                for j in range(lo, hi)
+                random_crop_flip([im], params[j : j + 1], self.cfg) for j, im in enumerate(images)
             ]
-        return random_crop_flip(list(images[lo:hi]), params[i + lo : i + hi], self.cfg)
+        return random_crop_flip(images, params, self.cfg)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` rows as NHWC uint8; their keys are in ``last_keys``."""

@@ -128,7 +128,10 @@ def _data_process(path: str, root: str, cfg_dict: dict, cores: int, args: dict) 
             log_to_driver=False,
             _system_config=RAY_SYSTEM_CONFIG,
         )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        # As in training: data.deterministic keeps the order of the blocks.
+        context.execution_options.preserve_order = cfg.deterministic
         batches = _ray_batches(root, cfg, args["batch_size"])
     else:
         batches = _torch_batches(root, cfg, cores, args["batch_size"])
