@@ -85,17 +85,7 @@ def test_sweep_runs_trials_and_writes_the_best_config(ray_head, scenes, tmp_path
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.md", "best_config.yaml"} <= artifacts
     assert "best/eval/class_iou" in parent.data.metrics
-    checkpoints_before = sorted(
-        str(p) for p in (tmp_path / "checkpoints").glob("sweep-*/checkpoint_*")
-    )
-
-    # Resuming a finished sweep reruns nothing.
-    again = tune_cli(["--resume", "sweep"], tmp_path, ray_head.env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    after = sorted(str(p) for p in (tmp_path / "checkpoints").glob("sweep-*/checkpoint_*"))
-    assert after == checkpoints_before
-    runs = client.search_runs([exp.experiment_id])
-    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId")]) == 2
+    # Resuming a sweep reruns no finished trial: test_a_killed_sweep_resumes_without_rerunning...
 
 
 def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tmp_path):
