@@ -6,23 +6,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
 from cyclegan.config import AugmentConfig
 
 
 def resize_bicubic(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``img`` resized to ``size`` = (width, height) with antialiased bicubic interpolation, as
-    HxWx3 uint8. torchvision's uint8 kernel: it matches PIL's bicubic to within 2 levels and
-    runs about 5x faster on one core."""
+    HxWx3 uint8: torch's uint8 kernel, the one torchvision's ``resize`` runs (same output, and
+    no torchvision import in every data worker). It matches PIL's bicubic to within 2 levels
+    and runs about 5x faster on one core."""
     arr = np.array(img, dtype=np.uint8)  # a writable copy: torch does not take read-only buffers
     if (arr.shape[1], arr.shape[0]) == tuple(size):
         return arr
-    chw = torch.from_numpy(arr).permute(2, 0, 1)  # channels-last layout, the kernel's fast path
-    out = F.resize(
-        chw, [size[1], size[0]], interpolation=F.InterpolationMode.BICUBIC, antialias=True
+    nchw = torch.from_numpy(arr).permute(2, 0, 1)[None]  # channels-last layout: the fast path
+    out = torch.nn.functional.interpolate(
+        nchw, size=(size[1], size[0]), mode="bicubic", antialias=True
     )
-    return out.permute(1, 2, 0).contiguous().numpy()
+    return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def resize_for_load(img: Image.Image | np.ndarray, cfg: AugmentConfig) -> np.ndarray:

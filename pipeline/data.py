@@ -8,7 +8,6 @@ randomness depends on (seed, domain, pass, rank) alone and a resumed run sees th
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import queue
@@ -105,8 +104,9 @@ def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dic
 
 
 @contextlib.contextmanager
-def _data_context(preserve_order: bool):
-    """Ray Data's settings for the datasets made (and run) in the block.
+def _data_context(preserve_order: bool | None):
+    """Ray Data's settings for the datasets made (and run) in the block (``preserve_order``
+    None: as the current context has it).
 
     Per-operator resource reservation is off: with it on, Ray Data keeps the decode step of a
     small pipeline to about one task at a time (measured: one decode worker busy of two, and
@@ -114,7 +114,8 @@ def _data_context(preserve_order: bool):
     context = ray.data.DataContext.get_current()
     options = context.execution_options
     saved = options.preserve_order, context.op_resource_reservation_enabled
-    options.preserve_order = preserve_order
+    if preserve_order is not None:
+        options.preserve_order = preserve_order
     context.op_resource_reservation_enabled = False
     try:
         yield
@@ -138,7 +139,7 @@ def domain_dataset(
     name = train_name(domain)
     # With the cache, rows are cached in shard order whatever order the read tasks finish in:
     # a seed then reproduces the passes.
-    with _data_context(preserve_order=cache):
+    with _data_context(preserve_order=True if cache else None):
         ds = ray.data.read_parquet(
             manifest.shard_paths(name), filesystem=manifest.filesystem, num_cpus=0.25
         ).select_columns(["key", "image"])
@@ -246,24 +247,41 @@ class DomainStream:
 
     def _pass_chunks(self, pass_index: int, skip: int) -> Iterator[tuple[list[str], torch.Tensor]]:
         key = (self.seed, DOMAINS.index(self.domain), pass_index, self.rank)
-        params = crop_params(self.n, key)
         batches = iter(
             self.shard.iter_batches(batch_size=16, batch_format="numpy", prefetch_batches=2)
         )
         with _closed_after(batches):
-            rows = self._shuffled(batches, np.random.default_rng([*key, 1]))
-            yield from self._pass_rows(rows, params, skip)
+            crops = self._cropped(batches, crop_params(self.n, key))
+            yield from self._chunks(self._shuffled(crops, np.random.default_rng([*key, 1])), skip)
 
-    def _shuffled(self, batches, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
-        """The rows of ``batches`` through a shuffle buffer of ``shuffle_buffer`` rows: each row
-        out is drawn at random from the buffer. The buffer holds views of Ray's blocks, so
-        shuffling copies no pixels."""
-        buffer: list[tuple[str, np.ndarray]] = []
+    def _cropped(self, batches, params: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, HxWx3 uint8 crop) of the first ``n`` rows of a pass (a rank never gets more in
+        the equal split); row ``i`` is cropped and flipped as ``params[i]`` says. Each batch is
+        cropped as it arrives, so Ray's blocks are let go of at once."""
+        i = 0
         for batch in batches:
-            for row in zip(batch["key"], batch["image"], strict=True):
-                buffer.append(row)
-                if len(buffer) >= max(1, self.shuffle_buffer):
-                    yield self._draw(buffer, rng)
+            keys, images = batch["key"], batch["image"]
+            take = min(len(keys), self.n - i)
+            if self.cfg.preprocess == "none":  # sizes may differ: one crop at a time
+                crops = [
+                    random_crop_flip([images[j]], params[i + j : i + j + 1], self.cfg)[0]
+                    for j in range(take)
+                ]
+            else:
+                crops = random_crop_flip(list(images[:take]), params[i : i + take], self.cfg)
+            yield from zip([str(k) for k in keys[:take]], crops, strict=True)
+            i += take
+            if i >= self.n:
+                return
+
+    def _shuffled(self, rows, rng: np.random.Generator) -> Iterator:
+        """``rows`` through a shuffle buffer of ``shuffle_buffer`` rows: each row out is drawn at
+        random from the buffer."""
+        buffer: list = []
+        for row in rows:
+            buffer.append(row)
+            if len(buffer) >= max(1, self.shuffle_buffer):
+                yield self._draw(buffer, rng)
         while buffer:
             yield self._draw(buffer, rng)
 
@@ -273,31 +291,27 @@ class DomainStream:
         buffer[j], buffer[-1] = buffer[-1], buffer[j]
         return buffer.pop()
 
-    def _pass_rows(self, rows, params: np.ndarray, skip: int, chunk: int = 16):
-        """Chunks of up to ``chunk`` rows, cropped and flipped, of the first ``n`` rows of a pass
-        from row ``skip`` on (rows before it were consumed before a resume). A rank never sees
-        more than ``n`` rows per pass (the equal split)."""
+    def _chunks(self, rows, skip: int, chunk: int = 16):
+        """Chunks of up to ``chunk`` shuffled rows from row ``skip`` of the pass on (rows before
+        it were consumed before a resume): one NHWC tensor each, or with ``preprocess=none``
+        (sizes may differ) a list of 1-row tensors."""
         keys: list[str] = []
-        images: list[np.ndarray] = []
-        for i, (key, image) in enumerate(itertools.islice(rows, self.n)):
+        crops: list[torch.Tensor] = []
+        for i, (key, crop) in enumerate(rows):
             if i < skip:
                 continue
-            keys.append(str(key))
-            images.append(image)
-            if len(images) == chunk:
-                yield keys, self._crops(images, params[i + 1 - chunk : i + 1])
-                keys, images = [], []
-        if images:
-            yield keys, self._crops(images, params[i + 1 - len(images) : i + 1])
+            keys.append(key)
+            crops.append(crop)
+            if len(crops) == chunk:
+                yield keys, self._stack(crops)
+                keys, crops = [], []
+        if crops:
+            yield keys, self._stack(crops)
 
-    def _crops(self, images: list[np.ndarray], params: np.ndarray):
-        """Images cropped and flipped with their ``params``: one NHWC tensor, or with
-        ``preprocess=none`` (sizes may differ) a list of 1-row ones."""
+    def _stack(self, crops: list[torch.Tensor]):
         if self.cfg.preprocess == "none":
-            return [
-                random_crop_flip([im], params[j : j + 1], self.cfg) for j, im in enumerate(images)
-            ]
-        return random_crop_flip(images, params, self.cfg)
+            return [c[None] for c in crops]
+        return torch.stack(crops)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` rows as NHWC uint8; their keys are in ``last_keys``."""
