@@ -404,7 +404,10 @@ def _load_mlflow(
     nets, cfgs = {}, {}
     for d, model_uri in uris.items():
         try:
-            net = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+            # Downloaded into a folder of our own, removed once loaded (MLflow's default leaves a
+            # copy of the model in the system's temp folder on every load).
+            with tempfile.TemporaryDirectory(prefix="cyclegan-model-") as tmp:
+                net = mlflow.pytorch.load_model(model_uri, dst_path=tmp, map_location="cpu")
         except Exception as exc:
             if strict or d == directions[0]:
                 raise ModelSourceError(

@@ -140,7 +140,10 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
     registered = {m.name for m in client.search_registered_models()}
     assert {"e2e-AtoB", "e2e-BtoA"} <= registered
     assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
-    net = mlflow.pytorch.load_model(models["generator_AtoB"].model_uri)
+    (tmp_path / "loaded").mkdir()
+    net = mlflow.pytorch.load_model(
+        models["generator_AtoB"].model_uri, dst_path=str(tmp_path / "loaded")
+    )
     with torch.no_grad():
         out = net(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
