@@ -19,6 +19,7 @@ import sys
 import time
 
 from pipeline import config as C
+from pipeline import exit_with
 from pipeline.config import Config
 from pipeline.train import (
     add_config_flags,
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

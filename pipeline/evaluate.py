@@ -53,6 +53,7 @@ from cyclegan.metrics import (
 from cyclegan.train_step import unwrap
 from cyclegan.transforms import image_grid, resize_bicubic, to_input
 from pipeline import config as C
+from pipeline import exit_with
 from pipeline.data import read_columns
 from pipeline.images import decode_image
 from pipeline.shards import Manifest, read_manifest
@@ -617,4 +618,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

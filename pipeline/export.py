@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import exit_with
 from pipeline.models import ModelSourceError, add_model_flags, arch_from_flags, load_generator
 
 FORMATS = ("torchscript", "onnx")
@@ -300,4 +301,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

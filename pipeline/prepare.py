@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 from PIL import Image
 
-from pipeline import storage
+from pipeline import exit_with, storage
 from pipeline.images import BadImage, decode, encode_image
 from pipeline.shards import (
     DATASET_NAMES,
@@ -390,4 +390,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

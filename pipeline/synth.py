@@ -32,7 +32,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipeline import storage
+from pipeline import exit_with, storage
 from pipeline.images import encode_image
 from pipeline.prepare import Progress
 from pipeline.shards import (
@@ -633,4 +633,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import config as C
+from pipeline import exit_with
 from pipeline.config import Config
 
 RUN_INFO = "cyclegan_run.json"
@@ -435,4 +436,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -44,7 +44,7 @@ from PIL import Image
 
 from cyclegan.config import ModelConfig
 from cyclegan.transforms import resize_bicubic, to_input, to_uint8
-from pipeline import storage
+from pipeline import exit_with, storage
 from pipeline.images import BadImage, decode_image, encode_image
 
 log = logging.getLogger(__name__)
@@ -448,4 +448,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
