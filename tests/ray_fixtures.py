@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 VENV_BIN = Path(sys.executable).parent
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray Train's controller polls its workers every 2 s by default, so a finished run waits up
+    # to that long before fit() returns, twice over; a short poll saves ~2.5 s per test run.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 def free_port() -> int:
