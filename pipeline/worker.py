@@ -6,6 +6,7 @@ import math
 import os
 import posixpath
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -179,12 +180,45 @@ class TuneRuntime:
         ray.tune.report(metrics, checkpoint=checkpoint)
 
 
+STAGING_PREFIX = "cyclegan-checkpoint-"
+"""Checkpoint staging folders are named ``STAGING_PREFIX + pid + "-" + random``."""
+
+
+def remove_orphaned_staging(base: str) -> list[str]:
+    """Remove the checkpoint staging folders under ``base`` whose process is gone (a worker
+    killed while reporting leaves its folder, a whole checkpoint, behind); returns their paths."""
+    removed = []
+    with os.scandir(base) as entries:
+        for entry in entries:
+            pid = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+            if not (entry.name.startswith(STAGING_PREFIX) and pid.isdigit()):
+                continue
+            if not entry.is_dir(follow_symlinks=False) or _process_exists(int(pid)):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _report(runtime, metrics: dict, ckpt: dict | None) -> None:
     """A barrier on every rank; only rank 0 passes the checkpoint."""
     if ckpt is None:
         runtime.report(metrics, None)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    base = tempfile.gettempdir()
+    for path in remove_orphaned_staging(base):
+        say(f"[train] removed {path}, left by a worker that was killed while reporting")
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=base) as tmp:
         save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
         runtime.report(metrics, runtime.checkpoint_class.from_directory(tmp))
 

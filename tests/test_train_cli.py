@@ -185,7 +185,18 @@ def test_resume_equals_uninterrupted(ray_head, scenes, tmp_path):
 
 def test_worker_killed_run_completes(ray_head, scenes, tmp_path):
     """Rank 1 exits hard at step 7: Ray restarts the group from the step-5 checkpoint and the
-    run ends with the planned steps, in one MLflow run."""
+    run ends with the planned steps, in one MLflow run. A staging folder that an earlier
+    killed worker left behind is removed at the first checkpoint."""
+    import os
+    import shutil
+    import tempfile
+
+    from pipeline.worker import STAGING_PREFIX
+    from tests.test_staging import dead_pid
+
+    orphan = Path(tempfile.gettempdir()) / f"{STAGING_PREFIX}{dead_pid()}-test"
+    orphan.mkdir()
+    (orphan / "checkpoint.pt").write_bytes(os.urandom(1000))
     marker = tmp_path / "fault-fired"
     res = train_cli(
         [
@@ -212,7 +223,9 @@ def test_worker_killed_run_completes(ray_head, scenes, tmp_path):
             "CYCLEGAN_FAULT_MARKER": str(marker),
         },
     )
+    shutil.rmtree(orphan, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"removed {orphan}" in res.stdout + res.stderr
     assert marker.exists(), "the fault never fired"
     assert final_checkpoint(tmp_path, "faulty")["step"] == 10
     _, runs = runs_of(tmp_path)
