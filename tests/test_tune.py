@@ -211,13 +211,21 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_head, scen
     before = sorted((tmp_path / "checkpoints" / finished).glob("checkpoint_*"))
 
     res = tune_cli(["--resume", "killed"], tmp_path, ray_head.env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, _failure(res)
     assert sorted((tmp_path / "checkpoints" / finished).glob("checkpoint_*")) == before
     client, kids = _children(tmp_path)
     assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
     for kid in kids:
         history = client.get_metric_history(kid.info.run_id, "loss/G_A")
         assert max(m.step for m in history) == 30
+
+
+def _failure(res) -> str:
+    """The lines of a failed command that name an error, then the ends of its output (Tune's
+    tables and Ray's worker logs can push a traceback out of a plain tail)."""
+    output = res.stdout + res.stderr
+    errors = [line for line in output.splitlines() if "rror" in line or "Traceback" in line]
+    return "\n".join(errors[-40:]) + "\n--- stderr:\n" + res.stderr[-3000:]
 
 
 def test_space_values_are_numbers_where_they_read_as_numbers():
