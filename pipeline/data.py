@@ -104,23 +104,19 @@ def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dic
 
 
 @contextlib.contextmanager
-def _data_context(preserve_order: bool | None):
-    """Ray Data's settings for the datasets made (and run) in the block (``preserve_order``
-    None: as the current context has it).
+def _data_context():
+    """Ray Data's settings for the datasets made in the block.
 
     Per-operator resource reservation is off: with it on, Ray Data keeps the decode step of a
     small pipeline to about one task at a time (measured: one decode worker busy of two, and
     the pass ~25% slower on 2 CPUs). Memory stays bounded by the object-store budget."""
     context = ray.data.DataContext.get_current()
-    options = context.execution_options
-    saved = options.preserve_order, context.op_resource_reservation_enabled
-    if preserve_order is not None:
-        options.preserve_order = preserve_order
+    saved = context.op_resource_reservation_enabled
     context.op_resource_reservation_enabled = False
     try:
         yield
     finally:
-        options.preserve_order, context.op_resource_reservation_enabled = saved
+        context.op_resource_reservation_enabled = saved
 
 
 CACHE_BLOCK_ROWS = 256
@@ -137,7 +133,7 @@ def domain_dataset(
     shards again, which for a small dataset costs more than decoding it.
     """
     name = train_name(domain)
-    with _data_context(preserve_order=None):
+    with _data_context():
         if cache:
             # Read here with pyarrow and put into the object store in shard order, so a seed
             # reproduces the passes. No Ray tasks: for a dataset this small, starting read tasks
