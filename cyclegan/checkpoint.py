@@ -96,7 +96,8 @@ def restore_checkpoint(
     return ckpt["step"], ckpt["epoch"]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (what the ``.sha256`` file beside a checkpoint holds)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -111,7 +112,7 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
     path.with_name(path.name + ".sha256").write_text(digest + "\n")
     return path
@@ -124,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     checksum = path.with_name(path.name + ".sha256")
-    if checksum.is_file() and checksum.read_text().strip() != _sha256(path):
+    if checksum.is_file() and checksum.read_text().strip() != file_sha256(path):
         raise ValueError(f"checkpoint {path} does not match its checksum {checksum.name}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

@@ -6,6 +6,7 @@ when built and raises ``ValueError`` naming the offending field.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 NORMS = ("instance", "batch", "none")
@@ -53,6 +54,10 @@ class ModelConfig:
         _check_choice(self.norm, NORMS, "model.norm")
         _check_choice(self.init_type, INITS, "model.init_type")
         _check(self.init_gain > 0, "model.init_gain", "must be > 0")
+
+    def reversed(self) -> ModelConfig:
+        """The config of the reverse generator G_B (B -> A): channels exchanged."""
+        return dataclasses.replace(self, input_nc=self.output_nc, output_nc=self.input_nc)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -18,12 +20,7 @@ def lr_factor(epoch: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
     """A scheduler stepped once per epoch; its ``state_dict`` holds only plain numbers."""
-    n_epochs, n_decay = cfg.n_epochs, cfg.n_epochs_decay
-
-    def factor(epoch: int) -> float:
-        return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_decay + 1)
-
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
 
 
 def set_base_lr(scheduler: LambdaLR, lr: float) -> None:

@@ -60,9 +60,7 @@ class Pools:
 def build_nets(cfg: ModelConfig) -> CycleGANNets:
     return CycleGANNets(
         G_A=build_generator(cfg),
-        G_B=build_generator(
-            ModelConfig(**{**cfg.__dict__, "input_nc": cfg.output_nc, "output_nc": cfg.input_nc})
-        ),
+        G_B=build_generator(cfg.reversed()),
         D_A=build_discriminator(cfg, cfg.output_nc),
         D_B=build_discriminator(cfg, cfg.input_nc),
     )

@@ -3,6 +3,8 @@ random crop + flip (run on the training worker, per image), as in the paper's da
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image
@@ -25,24 +27,42 @@ def resize_bicubic(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.n
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
+def load_size(cfg: AugmentConfig) -> tuple[int, int] | Callable[[int, int], tuple[int, int]] | None:
+    """The size training loads an image at before its random crop: a (width, height), a
+    function of the image's (width, height), or None to keep it (crop, none)."""
+    if cfg.preprocess == "resize_and_crop":
+        return cfg.load_size, cfg.load_size
+    if cfg.preprocess == "scale_width_and_crop":
+
+        def scale_width(width: int, height: int) -> tuple[int, int]:
+            # Width becomes load_size; height keeps the aspect ratio but never drops below the
+            # crop. Capped at 4x the width: a 1x32768 strip must not become a multi-GB canvas.
+            new_h = min(max(cfg.load_size * height / width, cfg.crop_size), 4 * cfg.load_size)
+            return cfg.load_size, int(new_h)
+
+        return scale_width
+    return None
+
+
+def eval_size(cfg: AugmentConfig) -> tuple[int, int] | None:
+    """The fixed whole-image view at the training resolution (samples, evaluation)."""
+    return None if cfg.preprocess == "none" else (cfg.crop_size, cfg.crop_size)
+
+
+def _resized(img: Image.Image | np.ndarray, size) -> np.ndarray:
+    w, h = img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
+    target = size(w, h) if callable(size) else size
+    return np.asarray(img, dtype=np.uint8) if target is None else resize_bicubic(img, target)
+
+
 def resize_for_load(img: Image.Image | np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     """The deterministic part of preprocessing (bicubic resize; no randomness), as HxWx3 uint8."""
-    if cfg.preprocess == "resize_and_crop":
-        return resize_bicubic(img, (cfg.load_size, cfg.load_size))
-    if cfg.preprocess == "scale_width_and_crop":
-        w, h = img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
-        # Width becomes load_size; height keeps the aspect ratio but never drops below the crop.
-        # Capped at 4x the width: a 1x32768 strip must not become a multi-GB canvas.
-        new_h = int(min(max(cfg.load_size * h / w, cfg.crop_size), 4 * cfg.load_size))
-        return resize_bicubic(img, (cfg.load_size, new_h))
-    return np.asarray(img, dtype=np.uint8)  # crop, none
+    return _resized(img, load_size(cfg))
 
 
 def eval_view(img: Image.Image | np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     """A fixed, whole-image view at the training resolution (for samples and evaluation)."""
-    if cfg.preprocess == "none":
-        return np.asarray(img, dtype=np.uint8)
-    return resize_bicubic(img, (cfg.crop_size, cfg.crop_size))
+    return _resized(img, eval_size(cfg))
 
 
 def crop_params(n: int, seed: tuple[int, ...]) -> np.ndarray:

@@ -25,6 +25,21 @@ def home() -> str:
     return os.path.abspath(os.environ.get("CYCLEGAN_HOME", "runs"))
 
 
+def default_data_uri() -> str:
+    """The built-in scenes dataset under the home."""
+    return os.path.join(home(), "data", "scenes")
+
+
+def default_storage_uri() -> str:
+    """Where run folders go when ``storage.uri`` is empty."""
+    return os.path.join(home(), "checkpoints")
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a SQLite store in the home."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(home(), "mlflow.db")
+
+
 @dataclass
 class DataConfig(AugmentConfig):
     """Where the shards are and how batches are formed (plus the preprocessing fields)."""
@@ -50,9 +65,6 @@ class DataConfig(AugmentConfig):
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
         _check(self.cache_mb >= 0, "data.cache_mb", "must be >= 0")
-
-    def resolved_uri(self) -> str:
-        return self.uri or os.path.join(home(), "data", "scenes")
 
 
 @dataclass
@@ -135,9 +147,6 @@ class StorageConfig:
     resume: bool = False
     """Continue the run called `name` from its latest checkpoint."""
 
-    def resolved_uri(self) -> str:
-        return self.uri or os.path.join(home(), "checkpoints")
-
 
 @dataclass
 class TrackingConfig:
@@ -153,16 +162,6 @@ class TrackingConfig:
     """Log CPU/memory/GPU use of the driver and rank 0."""
     log_model: bool = True
     """Log the final generators as an MLflow model."""
-
-    def resolved_uri(self) -> str:
-        return (
-            self.uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or ("sqlite:///" + os.path.join(home(), "mlflow.db"))
-        )
-
-    def artifact_root(self) -> str:
-        return os.path.join(home(), "mlartifacts")
 
 
 @dataclass
@@ -182,6 +181,23 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def with_defaults(cfg: Config) -> Config:
+    """``cfg`` with every empty URI replaced by its embedded default, made absolute: the one
+    place the environment (``$CYCLEGAN_HOME``, ``$MLFLOW_TRACKING_URI``) is read for a run."""
+
+    def local_abs(uri: str) -> str:
+        return uri if "://" in uri else os.path.abspath(uri)
+
+    return merge(
+        cfg,
+        {
+            "data": {"uri": local_abs(cfg.data.uri or default_data_uri())},
+            "storage": {"uri": local_abs(cfg.storage.uri or default_storage_uri())},
+            "tracking": {"uri": cfg.tracking.uri or default_tracking_uri()},
+        },
+    )
 
 
 # presets
@@ -335,14 +351,61 @@ def load_file(path: str | os.PathLike) -> dict:
     return tree
 
 
+VIRTUAL_KEYS = {"loss.lambda_cyc": ("loss.lambda_A", "loss.lambda_B")}
+"""Keys that set several fields at once (both cycle weights)."""
+
+
+def parse_value(text: str):
+    """A value typed on the command line: a number where it reads as one (YAML would keep
+    ``2e-3`` a string), else YAML (``true``, ``null``, lists), else the text itself."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return yaml.safe_load(text) if text else ""
+
+
+def check_key(key: str, flag: str) -> tuple[str, ...]:
+    """The fields ``key`` (``section.field`` or a virtual key) sets; raises naming the flag and
+    the valid keys when it names none."""
+    if key in VIRTUAL_KEYS:
+        return VIRTUAL_KEYS[key]
+    section, dot, name = key.partition(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "preset"}
+    if not dot or section not in sections:
+        raise ValueError(
+            f"{flag} {key!r}: expected section.field with a section of "
+            f"{', '.join(sorted(sections))}"
+        )
+    valid = _field_types(type(getattr(Config(), section)))
+    if name not in valid:
+        extra = [k for k in VIRTUAL_KEYS if k.startswith(section + ".")]
+        raise ValueError(
+            f"{flag}: unknown key {key}; valid keys of {section}: "
+            f"{', '.join(sorted(valid) + extra)}"
+        )
+    return (key,)
+
+
+def set_keys(tree: dict, key: str, value) -> dict:
+    """``tree`` with ``key`` (virtual keys expanded) set to ``value``."""
+    for target in VIRTUAL_KEYS.get(key, (key,)):
+        section, _, name = target.partition(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
 def parse_override(text: str) -> dict:
-    """``"section.field=value"`` as ``{"section": {"field": value}}`` (value parsed as YAML)."""
+    """``"section.field=value"`` as ``{"section": {"field": value}}``; the value is read as
+    :func:`parse_value` reads it, and ``loss.lambda_cyc`` sets both cycle weights."""
     key, sep, raw = text.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not section or not name:
+    key = key.strip()
+    if not sep:
         raise ValueError(f"--set {text!r}: expected section.field=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    return {section: {name: value}}
+    check_key(key, "--set")
+    return set_keys({}, key, parse_value(raw))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

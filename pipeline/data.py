@@ -23,8 +23,8 @@ import ray
 import torch
 
 from cyclegan.config import AugmentConfig
-from cyclegan.transforms import crop_params, eval_view, random_crop_flip, resize_for_load
-from pipeline.images import BadImage, decode_image
+from cyclegan.transforms import crop_params, eval_size, load_size, random_crop_flip
+from pipeline.images import BadImage, decode_resized
 from pipeline.shards import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dic
     images, keys = [], []
     for key, data in zip(batch["key"], batch["image"], strict=True):
         try:
-            img = resize_for_load(decode_image(bytes(data), str(key)), cfg)
+            img = decode_resized(bytes(data), str(key), load_size(cfg))
         except BadImage as exc:
             log.warning("skipping unreadable image %s: %s", key, exc.reason)
             continue
@@ -164,14 +164,11 @@ def use_cache(manifest: Manifest, cache_mb: int) -> bool:
     return cache_mb > 0 and size <= cache_mb * 2**20
 
 
-def build_datasets(data_uri: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
-    """``({"A": ds, "B": ds}, {"A": count, "B": count})`` for TorchTrainer(datasets=...);
-    ``cfg`` is a DataConfig (its ``cache_mb`` decides whether the encoded rows are cached)."""
-    manifest = read_manifest(data_uri)
-    counts = check_dataset(manifest, cfg)
+def build_datasets(manifest: Manifest, cfg, seed: int) -> dict:
+    """``{"A": ds, "B": ds}`` for TorchTrainer(datasets=...) from a checked manifest; ``cfg`` is
+    a DataConfig (its ``cache_mb`` decides whether the encoded rows are cached)."""
     cache = use_cache(manifest, cfg.cache_mb)
-    datasets = {d: domain_dataset(manifest, d, cfg, seed + i, cache) for i, d in enumerate(DOMAINS)}
-    return datasets, counts
+    return {d: domain_dataset(manifest, d, cfg, seed + i, cache) for i, d in enumerate(DOMAINS)}
 
 
 @dataclass
@@ -422,7 +419,7 @@ def load_samples(data_uri: str, cfg: AugmentConfig, count: int) -> dict[str, tor
         images = []
         for key, data in zip(table["key"].to_pylist(), table["image"].to_pylist(), strict=True):
             try:
-                images.append(eval_view(decode_image(data, key), cfg))
+                images.append(decode_resized(data, key, eval_size(cfg)))
             except BadImage:
                 continue
             if len(images) == count:

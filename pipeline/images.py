@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +159,30 @@ def decode(data: bytes, key: str, max_pixels: int = MAX_PIXELS) -> DecodedImage:
 def decode_image(data: bytes, key: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The 8-bit RGB image in ``data``, orientation applied; :class:`BadImage` if unusable."""
     return decode(data, key, max_pixels).image
+
+
+Size = tuple[int, int] | Callable[[int, int], tuple[int, int] | None] | None
+"""A target size for :func:`decode_resized`: ``(width, height)``; a function of the decoded
+image's ``(width, height)`` that returns it (or None), for sizes that depend on the image; or
+None for the stored size."""
+
+
+def decode_resized(
+    data: bytes, key: str, size: Size = None, *, nearest: bool = False
+) -> np.ndarray:
+    """The image in ``data`` as HxWx3 uint8, resized to ``size``: antialiased bicubic as in
+    training (:func:`cyclegan.transforms.resize_bicubic`), or nearest-neighbour so that a label
+    map keeps only its class colours. :class:`BadImage` (naming ``key``) if unusable."""
+    img = decode_image(data, key)
+    target = size(*img.size) if callable(size) else size
+    if target is None or tuple(target) == img.size:
+        return np.asarray(img, dtype=np.uint8)
+    if nearest:
+        return np.asarray(img.resize(tuple(target), Image.NEAREST), dtype=np.uint8)
+    # Imported here: `cyclegan` loads torch (~1 s), which prepare's decode-only workers skip.
+    from cyclegan.transforms import resize_bicubic
+
+    return resize_bicubic(img, tuple(target))
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int = 95) -> bytes:

@@ -17,11 +17,10 @@ Training checkpoints hold both generators: G_A maps A to B (``AtoB``), G_B maps 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import os
 import posixpath
 import re
+import sys
 import tempfile
 
 import pyarrow.fs as pafs
@@ -31,12 +30,11 @@ from torch import nn
 from cyclegan.checkpoint import load_official_generator
 from cyclegan.config import ModelConfig
 from cyclegan.networks import ResnetGenerator
-from pipeline import storage
-from pipeline.config import StorageConfig, TrackingConfig
+from pipeline import checkpoints, runs, storage
+from pipeline.checkpoints import CHECKPOINT_FILE, CheckpointError
+from pipeline.config import default_storage_uri, default_tracking_uri
 
 DIRECTIONS = ("AtoB", "BtoA")
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_PREFIX = "checkpoint_"
 NET_OF_DIRECTION = {"AtoB": "G_A", "BtoA": "G_B"}
 MLFLOW_MODEL_NAME = {"AtoB": "generator_AtoB", "BtoA": "generator_BtoA"}
 _MLFLOW_NAME = re.compile(r"generator_(AtoB|BtoA)$")
@@ -52,10 +50,6 @@ def check_direction(direction: str) -> str:
     return direction
 
 
-def other_direction(direction: str) -> str:
-    return "BtoA" if check_direction(direction) == "AtoB" else "AtoB"
-
-
 def is_mlflow_uri(source: str) -> bool:
     return source.startswith(("runs:/", "models:/"))
 
@@ -67,11 +61,6 @@ def _model_config(tree: dict) -> ModelConfig:
     """A ModelConfig from a saved config's ``model`` section (unknown keys ignored)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in tree.items() if k in known})
-
-
-def swapped(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` for the reverse generator (input and output channels exchanged)."""
-    return dataclasses.replace(cfg, input_nc=cfg.output_nc, output_nc=cfg.input_nc)
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> ModelConfig:
@@ -124,106 +113,15 @@ def build_from_state(state: dict, cfg: ModelConfig, source: str) -> ResnetGenera
 # checkpoints on local or object storage
 
 
-def _load_bytes(data: bytes, where: str) -> dict:
+def _file_type(fs: pafs.FileSystem, path: str, where: str) -> pafs.FileType:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ModelSourceError(f"{where}: cannot be loaded as a PyTorch file: {exc}") from None
+        return checkpoints.file_type(fs, path, where)
+    except CheckpointError as exc:
+        raise ModelSourceError(str(exc)) from None
 
 
-def _check_digest(fs: pafs.FileSystem, path: str, where: str, data: bytes | None) -> None:
-    """Compare the file with the ``.sha256`` file that save_checkpoint writes beside it, where
-    there is one (older checkpoints and official files have none)."""
-    sidecar = path + ".sha256"
-    if _info_type(fs, sidecar, where) != pafs.FileType.File:
-        return
-    digest = hashlib.sha256()
-    try:
-        with fs.open_input_stream(sidecar) as stream:
-            expected = stream.read().decode().strip()
-        if data is not None:
-            digest.update(data)
-        else:
-            with fs.open_input_stream(path) as stream:
-                while chunk := stream.read(1 << 22):
-                    digest.update(chunk)
-    except Exception as exc:
-        raise ModelSourceError(str(storage.wrap_error(where, exc, "read"))) from None
-    if digest.hexdigest() != expected:
-        raise ModelSourceError(
-            f"{where}: does not match its checksum file {posixpath.basename(sidecar)} "
-            "(changed or partly copied after it was saved)"
-        )
-
-
-def _load_file(
-    fs: pafs.FileSystem, path: str, where: str, mmap: bool = False, verify: bool = True
-) -> dict:
-    """A ``torch.save`` file (weights only), checked against its ``.sha256`` file when
-    ``verify``. Local files may be memory-mapped, which reads only the pickle until a tensor is
-    touched (cheap when only the step is needed)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        if verify:
-            _check_digest(fs, path, where, None)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as exc:
-            if mmap:  # files from old torch versions cannot be mapped; read them whole
-                return _load_file(fs, path, where, mmap=False, verify=False)
-            raise ModelSourceError(f"{where}: cannot be loaded as a PyTorch file: {exc}") from None
-    try:
-        with fs.open_input_stream(path) as stream:
-            data = stream.read()
-    except Exception as exc:
-        raise ModelSourceError(str(storage.wrap_error(where, exc, "read"))) from None
-    if verify:
-        _check_digest(fs, path, where, data)
-    return _load_bytes(data, where)
-
-
-def _info_type(fs: pafs.FileSystem, path: str, where: str) -> pafs.FileType:
-    try:
-        return fs.get_file_info(path).type
-    except Exception as exc:
-        raise ModelSourceError(str(storage.wrap_error(where, exc, "stat"))) from None
-
-
-def _checkpoint_folders(fs: pafs.FileSystem, folder: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-    )
-
-
-def _newest_checkpoint(fs: pafs.FileSystem, folder: str, where: str) -> tuple[str, dict]:
-    """(path, dict) of the checkpoint with the highest step among ``folder/checkpoint_*``."""
-    best: tuple[int, str, dict] | None = None
-    for sub in _checkpoint_folders(fs, folder):
-        path = posixpath.join(sub, CHECKPOINT_FILE)
-        if _info_type(fs, path, where) != pafs.FileType.File:
-            continue  # a checkpoint folder still being written, or emptied by a failure
-        where_file = storage.join(where, posixpath.basename(sub), CHECKPOINT_FILE)
-        ckpt = _load_file(fs, path, where_file, mmap=True, verify=False)
-        step = int(ckpt.get("step", -1)) if isinstance(ckpt, dict) else -1
-        # Equal steps: the later folder name (Ray names them by time) wins.
-        if best is None or step >= best[0]:
-            best = (step, path, ckpt)
-    if best is None:
-        raise ModelSourceError(
-            f"{where}: no {CHECKPOINT_FILE} here and no {CHECKPOINT_PREFIX}* folder holding one"
-        )
-    return best[1], best[2]
-
-
-def _runs_under(root_uri: str) -> list[str]:
-    fs, root = storage.resolve(root_uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except Exception:
-        return []
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+def _skipped(where: str, exc: Exception) -> None:
+    print(f"[model] {where} is unusable, trying an older checkpoint: {exc}", file=sys.stderr)
 
 
 def _looks_like_name(source: str) -> bool:
@@ -236,19 +134,19 @@ def _resolve_path(source: str, storage_uri: str | None) -> tuple[pafs.FileSystem
         fs, path = storage.resolve(source)
     except storage.StorageError as exc:
         raise ModelSourceError(f"model source {source}: {exc}") from None
-    kind = _info_type(fs, path, source)
+    kind = _file_type(fs, path, source)
     if kind != pafs.FileType.NotFound:
         return fs, path, source
     if _looks_like_name(source):
-        root = storage_uri or StorageConfig().resolved_uri()
+        root = storage_uri or default_storage_uri()
         run_uri = storage.join(root, source)
         rfs, rpath = storage.resolve(run_uri)
-        if _info_type(rfs, rpath, run_uri) == pafs.FileType.Directory:
+        if _file_type(rfs, rpath, run_uri) == pafs.FileType.Directory:
             return rfs, rpath, run_uri
-        runs = _runs_under(root)
+        names = runs.list_runs(root)
         raise ModelSourceError(
             f"model source {source!r}: no such file or folder, and no run called {source!r} under "
-            f"{storage.redact(root)} (runs there: {', '.join(runs) or 'none'})"
+            f"{storage.redact(root)} (runs there: {', '.join(names) or 'none'})"
         )
     raise ModelSourceError(f"model source {storage.redact(source)}: no such file or folder")
 
@@ -278,7 +176,7 @@ def _from_checkpoint(ckpt: dict, directions: list[str], where: str) -> tuple[dic
         name = NET_OF_DIRECTION[d]
         if name not in nets_state:
             raise ModelSourceError(f"{where}: the checkpoint has no {name} ({d}) generator")
-        cfgs[d] = cfg if d == "AtoB" else swapped(cfg)
+        cfgs[d] = cfg if d == "AtoB" else cfg.reversed()
         nets[d] = build_from_state(nets_state[name], cfgs[d], f"{where} ({name})")
     return nets, cfgs, _checkpoint_info(ckpt, where)
 
@@ -314,17 +212,19 @@ def _load_stored(
     source: str, directions: list[str], storage_uri: str | None, arch: ModelConfig | None
 ) -> tuple[dict, dict, dict]:
     fs, path, where = _resolve_path(source, storage_uri)
-    if _info_type(fs, path, where) == pafs.FileType.Directory:
-        direct = posixpath.join(path, CHECKPOINT_FILE)
-        if _info_type(fs, direct, where) == pafs.FileType.File:
-            path, where = direct, storage.join(where, CHECKPOINT_FILE)
-            state = _load_file(fs, path, where)
+    try:
+        if _file_type(fs, path, where) == pafs.FileType.Directory:
+            direct = posixpath.join(path, CHECKPOINT_FILE)
+            if _file_type(fs, direct, where) == pafs.FileType.File:
+                path, where = direct, storage.join(where, CHECKPOINT_FILE)
+                state = checkpoints.load(fs, path, where)
+            else:
+                path, state = checkpoints.newest_loadable(fs, path, where, on_skip=_skipped)
+                where = storage.join(where, *path.split("/")[-2:])
         else:
-            path, state = _newest_checkpoint(fs, path, where)
-            where = storage.join(where, *path.split("/")[-2:])
-            _check_digest(fs, path, where, None)  # the step probe read only the pickle
-    else:
-        state = _load_file(fs, path, where)
+            state = checkpoints.load(fs, path, where)
+    except CheckpointError as exc:
+        raise ModelSourceError(str(exc)) from None
     if isinstance(state, dict) and "nets" in state:
         return _from_checkpoint(state, directions, where)
     if _is_official_state(state):
@@ -373,7 +273,7 @@ def _load_mlflow(
     import mlflow
     from mlflow import MlflowClient
 
-    uri = tracking_uri or TrackingConfig().resolved_uri()
+    uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -487,32 +387,3 @@ def load_generator(
     else:
         nets, cfgs, info = load_generators(source, [direction], storage=storage, arch=arch)
     return nets[direction], cfgs[direction], {**info, "direction": direction}
-
-
-def arch_from_flags(ngf: int | None, n_blocks: int | None, norm: str | None) -> ModelConfig | None:
-    """The ``--ngf/--n-blocks/--norm`` flags as an architecture (None when none is given)."""
-    if ngf is None and n_blocks is None and norm is None:
-        return None
-    default = ModelConfig()
-    return ModelConfig(
-        ngf=default.ngf if ngf is None else ngf,
-        n_blocks=default.n_blocks if n_blocks is None else n_blocks,
-        norm=norm or default.norm,
-    )
-
-
-def add_model_flags(parser) -> None:
-    """The flags every CLI that loads a generator shares."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="SOURCE",
-        help="run NAME, run/checkpoint folder, checkpoint.pt, runs:/ or models:/ URI, or .pth",
-    )
-    parser.add_argument(
-        "--storage", help="where run NAMEs live (default $CYCLEGAN_HOME/checkpoints)"
-    )
-    arch = parser.add_argument_group("architecture of an official .pth (default: from its weights)")
-    arch.add_argument("--ngf", type=int, help="filters of the first conv (paper: 64)")
-    arch.add_argument("--n-blocks", type=int, help="residual blocks (paper: 9 at 256 px)")
-    arch.add_argument("--norm", choices=("instance", "batch", "none"), help="normalisation")

@@ -313,16 +313,6 @@ def _probe_write(filesystem: pafs.FileSystem, path: str, uri: str) -> None:
     filesystem.delete_file(probe)
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of the file at ``uri``."""
-    filesystem, path = resolve(uri)
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except Exception as exc:
-        raise wrap_error(uri, exc, "read") from None
-
-
 def write_bytes_atomic(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so readers see either the old file or the whole new one, never a part.
 
@@ -372,3 +362,25 @@ def storage_env() -> dict[str, str]:
     if "STORAGE_EMULATOR_HOST" in os.environ:
         env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
     return env
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: str) -> tuple[list[str], int]:
+    """Image keys under ``folder`` (sorted relative POSIX paths), and how many other files."""
+    filesystem, base = resolve(folder)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    except Exception as exc:
+        raise wrap_error(folder, exc, "list images") from None
+    keys, others = [], 0
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path.replace("\\", "/"), base.replace("\\", "/"))
+        if rel.lower().endswith(IMAGE_EXTENSIONS):
+            keys.append(rel)
+        else:
+            others += 1
+    return sorted(keys), others

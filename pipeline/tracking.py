@@ -8,12 +8,10 @@ tracking failure never stops training: the sink reports it once and keeps trying
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -21,7 +19,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from pipeline.config import Config, flatten
+from pipeline.config import Config, default_tracking_uri, flatten
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +30,27 @@ def tracking_env(cfg: Config) -> dict[str, str]:
     """Environment variables workers need to reach the tracking store, plus MLflow's own
     system-metrics settings (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, ...) where set."""
     env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_SYSTEM_METRICS_")}
-    return {**env, "MLFLOW_TRACKING_URI": cfg.tracking.resolved_uri()}
+    return {**env, "MLFLOW_TRACKING_URI": cfg.tracking.uri or default_tracking_uri()}
 
 
-def _client(cfg: Config) -> MlflowClient:
-    return MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
+def client(cfg: Config) -> MlflowClient:
+    """A client of the config's tracking store (``tracking.uri`` resolved by the driver)."""
+    return MlflowClient(tracking_uri=cfg.tracking.uri or default_tracking_uri())
 
 
 def ensure_experiment(cfg: Config) -> str:
-    """The experiment's id, created on first use (artifacts beside a local SQLite store)."""
-    client = _client(cfg)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    """The experiment's id, created on first use; a local SQLite store keeps the artifacts in
+    ``mlartifacts/`` beside its file."""
+    mlflow_client = client(cfg)
+    exp = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
     location = None
-    if cfg.tracking.resolved_uri().startswith("sqlite:"):
-        location = Path(cfg.tracking.artifact_root()).as_uri()
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    uri = cfg.tracking.uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        location = (db.parent / "mlartifacts").as_uri()
+    return mlflow_client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
 def git_commit() -> str | None:
@@ -66,34 +68,60 @@ def git_commit() -> str | None:
 
 
 def start_run(cfg: Config, run_name: str, tags: dict[str, str]) -> str:
-    """Create the MLflow run of a new training run; log params, tags and config.json."""
-    client = _client(cfg)
-    run = client.create_run(ensure_experiment(cfg), run_name=run_name, tags=tags)
+    """Create the MLflow run of a new training run (or sweep); log params, tags and
+    config.json, all from the config with credentials masked."""
+    from pipeline.plan import public_config
+
+    mlflow_client = client(cfg)
+    run = mlflow_client.create_run(ensure_experiment(cfg), run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(cfg.to_dict()).items()}
+    public = public_config(cfg)
+    params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(public).items()}
     items = list(params.items())
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params
-        client.log_batch(
+        mlflow_client.log_batch(
             run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]]
         )
-    client.log_dict(run_id, cfg.to_dict(), "config.json")
+    mlflow_client.log_dict(run_id, public, "config.json")
     return run_id
 
 
 def reopen_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
     """Mark a resumed run as running again and refresh its tags."""
-    client = _client(cfg)
-    client.get_run(run_id)  # raises a clear MlflowException when the run is gone
-    client.update_run(run_id, status="RUNNING")
+    mlflow_client = client(cfg)
+    mlflow_client.get_run(run_id)  # raises a clear MlflowException when the run is gone
+    mlflow_client.update_run(run_id, status="RUNNING")
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        mlflow_client.set_tag(run_id, key, value)
 
 
 def finish_run(cfg: Config, run_id: str, status: str) -> None:
     try:
-        _client(cfg).set_terminated(run_id, status=status)
+        client(cfg).set_terminated(run_id, status=status)
     except Exception as exc:  # the run's outcome must still reach the user
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def log_summary(
+    cfg: Config,
+    run_id: str,
+    texts: dict[str, str],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    who: str,
+) -> None:
+    """The results of a parent run (a sweep, an ablation): text artifacts, metrics and tags.
+    A failure is reported on stderr and does not raise: the results are on storage either way."""
+    try:
+        mlflow_client = client(cfg)
+        for name, text in texts.items():
+            mlflow_client.log_text(run_id, text, name)
+        for key, value in metrics.items():
+            mlflow_client.log_metric(run_id, key, float(value))
+        for key, value in tags.items():
+            mlflow_client.set_tag(run_id, key, value)
+    except Exception as exc:
+        print(f"[{who}] could not log results to MLflow: {exc}", file=sys.stderr)
 
 
 def _warn(message: str) -> None:
@@ -169,35 +197,26 @@ class MlflowSink(NullSink):
                 self._system.finish()
 
 
-def log_json_artifact(cfg: Config, run_id: str, payload: dict, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, name)
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-        _client(cfg).log_artifact(run_id, path)
-
-
 def log_generators(cfg: Config, run_id: str, checkpoint) -> None:
     """Log G_A (A->B) and G_B (B->A) of a Ray checkpoint as MLflow models (pickle format, with
     the ``cyclegan`` package as code), and register them when ``tracking.register`` is set."""
     import cyclegan
     from cyclegan.checkpoint import load_checkpoint
-    from cyclegan.config import ModelConfig
     from cyclegan.networks import ResnetGenerator
+    from pipeline.checkpoints import CHECKPOINT_FILE
 
     with checkpoint.as_directory() as d:
-        state = load_checkpoint(Path(d) / "checkpoint.pt")
+        state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
     size = cfg.data.crop_size
-    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
-    m: ModelConfig = cfg.model
-    for net_name, model_name, (in_nc, out_nc) in (
-        ("G_A", "generator_AtoB", (m.input_nc, m.output_nc)),
-        ("G_B", "generator_BtoA", (m.output_nc, m.input_nc)),
+    mlflow.set_tracking_uri(cfg.tracking.uri or default_tracking_uri())
+    for net_name, model_name, m in (
+        ("G_A", "generator_AtoB", cfg.model),
+        ("G_B", "generator_BtoA", cfg.model.reversed()),
     ):
-        net = ResnetGenerator(in_nc, out_nc, m.ngf, m.n_blocks, m.norm)
+        net = ResnetGenerator(m.input_nc, m.output_nc, m.ngf, m.n_blocks, m.norm)
         net.load_state_dict(state["nets"][net_name])
         net.eval()
-        example = np.zeros((1, in_nc, size, size), dtype=np.float32)
+        example = np.zeros((1, m.input_nc, size, size), dtype=np.float32)
         registered = (
             f"{cfg.tracking.register}-{model_name.split('_')[1]}" if cfg.tracking.register else None
         )

@@ -1,32 +1,31 @@
-"""The loop each Ray Train worker runs: build, restore, wrap for DDP, then step, log, checkpoint."""
+"""The loop every Ray Train worker (or PBT trial) runs: build, restore, wrap for DDP, then
+step, log, sample, evaluate and checkpoint until the planned step.
+
+Read ``train_loop`` first: it is the whole loop as a screen of named steps.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-import posixpath
 import resource
-import shutil
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import ray.tune
 import torch
 
-from cyclegan.checkpoint import (
-    load_checkpoint,
-    make_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from cyclegan.checkpoint import make_checkpoint, restore_checkpoint
 from cyclegan.schedules import build_scheduler, set_base_lr
 from cyclegan.train_step import (
     CycleGANNets,
+    Optimizers,
+    Pools,
     build_nets,
     build_optimizers,
     build_pools,
@@ -34,16 +33,34 @@ from cyclegan.train_step import (
     translate_cycle,
 )
 from cyclegan.transforms import image_grid, to_input
-from pipeline.config import Config, from_dict
+from pipeline import checkpoints
+from pipeline.config import Config
 from pipeline.data import UnpairedBatches, load_samples
-from pipeline.evaluate import default_extractor, paired_scores, unpaired_eval_scores
+from pipeline.plan import RunPlan
 from pipeline.tracking import MlflowSink, NullSink
 
-CHECKPOINT_FILE = "checkpoint.pt"
+FAULT_HOOKS_ENV = "CYCLEGAN_FAULT_HOOKS"
+"""Path of a Python file whose ``before_step(step, rank, real_A)`` the loop calls: the test
+suite's fault injection. Unset in every real run."""
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def say(message: str) -> None:
+    """One progress line on stdout. Written directly: Ray Train patches ``print`` in workers
+    to go through its logger, which shows every line twice on the driver."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -57,86 +74,12 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     planned = cfg.optim.total_epochs * steps_per_epoch
     return min(planned, cfg.train.max_steps) if cfg.train.max_steps else planned
 
 
-def say(message: str) -> None:
-    """One progress line on stdout. Written directly: Ray Train patches ``print`` in workers
-    to go through its logger, which shows every line twice on the driver."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
-
-
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Test hook: ``CYCLEGAN_FAULT_STEP``/``_RANK``/``_MARKER`` make one rank die hard once."""
-    at = os.environ.get("CYCLEGAN_FAULT_STEP")
-    if at is None or step != int(at) or rank != int(os.environ.get("CYCLEGAN_FAULT_RANK", "0")):
-        return
-    marker = os.environ.get("CYCLEGAN_FAULT_MARKER")
-    if marker and os.path.exists(marker):
-        return
-    if marker:
-        Path(marker).touch()
-    os._exit(1)
-
-
-def _nan_injected(step: int) -> bool:
-    return os.environ.get("CYCLEGAN_FAULT_NAN_STEP") == str(step)
-
-
-def _wrap(nets: CycleGANNets, cfg: Config, world_size: int) -> CycleGANNets:
-    wrapped = {}
-    for name, net in nets.items():
-        if cfg.train.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        net = ray.train.torch.prepare_model(net) if world_size > 1 else net
-        wrapped[name] = torch.compile(net) if cfg.train.compile else net
-    return CycleGANNets(**wrapped)
-
-
-def _load(checkpoint: ray.train.Checkpoint, device: torch.device) -> dict:
-    with checkpoint.as_directory() as d:
-        return load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
-
-
-def load_resume_state(latest: ray.train.Checkpoint, device: torch.device) -> dict:
-    """The newest loadable checkpoint of the run: the one Ray hands over or, when that one is
-    truncated or altered, the newest older one in the same run folder."""
-    try:
-        return _load(latest, device)
-    except (ValueError, FileNotFoundError) as exc:
-        say(f"[train] latest checkpoint is unusable: {exc}; trying older checkpoints")
-    fs = latest.filesystem
-    run_dir = posixpath.dirname(latest.path.rstrip("/"))
-    older = sorted(
-        (
-            info.path
-            for info in fs.get_file_info(pafs.FileSelector(run_dir))
-            if info.type == pafs.FileType.Directory
-            and info.base_name.startswith("checkpoint_")
-            and info.path.rstrip("/") != latest.path.rstrip("/")
-        ),
-        reverse=True,  # names carry the creation time
-    )
-    for path in older:
-        try:
-            state = _load(ray.train.Checkpoint(path, filesystem=fs), device)
-        except (ValueError, FileNotFoundError) as exc:
-            say(f"[train] checkpoint {path} is unusable too: {exc}")
-            continue
-        say(f"[train] resuming from {path} (step {state['step']})")
-        return state
-    raise RuntimeError(f"no loadable checkpoint in {run_dir}")
+# where the loop runs: a Ray Train worker group, or one Tune trial process (PBT)
 
 
 class TrainRuntime:
@@ -180,58 +123,21 @@ class TuneRuntime:
         ray.tune.report(metrics, checkpoint=checkpoint)
 
 
-STAGING_PREFIX = "cyclegan-checkpoint-"
-"""Checkpoint staging folders are named ``STAGING_PREFIX + pid + "-" + random``."""
+# the training state and the steps of the loop
 
 
-def remove_orphaned_staging(base: str) -> list[str]:
-    """Remove the checkpoint staging folders under ``base`` whose process is gone (a worker
-    killed while reporting leaves its folder, a whole checkpoint, behind); returns their paths."""
-    removed = []
-    with os.scandir(base) as entries:
-        for entry in entries:
-            pid = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-            if not (entry.name.startswith(STAGING_PREFIX) and pid.isdigit()):
-                continue
-            if not entry.is_dir(follow_symlinks=False) or _process_exists(int(pid)):
-                continue
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-    return removed
+@dataclass
+class TrainState:
+    nets: CycleGANNets
+    opts: Optimizers
+    scheds: dict
+    pools: Pools
+    step: int = 0
+    epoch: int = 0
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _report(runtime, metrics: dict, ckpt: dict | None) -> None:
-    """A barrier on every rank; only rank 0 passes the checkpoint."""
-    if ckpt is None:
-        runtime.report(metrics, None)
-        return
-    base = tempfile.gettempdir()
-    for path in remove_orphaned_staging(base):
-        say(f"[train] removed {path}, left by a worker that was killed while reporting")
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=base) as tmp:
-        save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
-        runtime.report(metrics, runtime.checkpoint_class.from_directory(tmp))
-
-
-def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
-    runtime = runtime or TrainRuntime()
-    cfg = from_dict(loop_config["config"])
-    run_id = loop_config["run_id"]
-    counts = loop_config["counts"]
-    rank, world, device = runtime.rank, runtime.world, runtime.device
-    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
-
-    # Identical initial weights on every rank; per-rank randomness (pools) seeded by rank.
+def build_state(cfg: Config, rank: int, device: torch.device) -> TrainState:
+    """Fresh nets (identical on every rank), optimizers, schedules and pools (seeded by rank)."""
     torch.manual_seed(cfg.train.seed)
     nets = build_nets(cfg.model)
     for _, net in nets.items():
@@ -239,167 +145,231 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     opts = build_optimizers(nets, cfg.optim, fused=device.type == "cuda" or None)
     scheds = {"G": build_scheduler(opts.G, cfg.optim), "D": build_scheduler(opts.D, cfg.optim)}
     pools = build_pools(cfg.loss.pool_size, cfg.train.seed * 1000 + 2 * rank)
-    step = epoch = 0
-    resumed = runtime.checkpoint()
-    if resumed is not None:
-        state = load_resume_state(resumed, device)
-        step, epoch = restore_checkpoint(state, nets, opts, scheds, pools, device)
-        # A population-based search may hand over another trial's state with a new lr.
-        for sched in scheds.values():
-            if sched.base_lrs[0] != cfg.optim.lr:
-                set_base_lr(sched, cfg.optim.lr)
-    torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * step)
-    nets = _wrap(nets, cfg, world)
+    return TrainState(nets, opts, scheds, pools)
 
+
+def restore(state: TrainState, latest, cfg: Config, device: torch.device) -> None:
+    """Continue from the newest loadable checkpoint of the run (Ray's latest first)."""
+    if latest is None:
+        return
+    run_dir = os.path.dirname(latest.path.rstrip("/"))
+    _, ckpt = checkpoints.newest_loadable(
+        latest.filesystem,
+        run_dir,
+        run_dir,
+        first=latest.path,
+        map_location=device,
+        on_skip=lambda where, exc: say(f"[train] checkpoint {where} is unusable: {exc}"),
+    )
+    state.step, state.epoch = restore_checkpoint(
+        ckpt, state.nets, state.opts, state.scheds, state.pools, device
+    )
+    # A population-based search may hand over another trial's state with a new lr.
+    for sched in state.scheds.values():
+        if sched.base_lrs[0] != cfg.optim.lr:
+            set_base_lr(sched, cfg.optim.lr)
+    say(f"[train] resumed at step {state.step}")
+
+
+def wrap(nets: CycleGANNets, cfg: Config, world_size: int) -> CycleGANNets:
+    """channels_last, DDP across ranks, torch.compile: as the config asks."""
+    wrapped = {}
+    for name, net in nets.items():
+        if cfg.train.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net = ray.train.torch.prepare_model(net) if world_size > 1 else net
+        wrapped[name] = torch.compile(net) if cfg.train.compile else net
+    return CycleGANNets(**wrapped)
+
+
+def load_fault_hooks():
+    """The test suite's fault-injection module, where a test names one; else None."""
+    path = os.environ.get(FAULT_HOOKS_ENV)
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("cyclegan_fault_hooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_finite(losses: dict[str, float], step: int, cfg: Config) -> bool:
+    """False for a step with a NaN/Inf loss; with ``on_nonfinite=stop`` it raises instead."""
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad and cfg.train.on_nonfinite == "stop":
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} ({', '.join(bad)}); the run stops here and the "
+            "last checkpoint (written before this step) is kept"
+        )
+    return not bad
+
+
+class Progress:
+    """Rank 0's metrics, progress lines and sample grids; every other rank only counts."""
+
+    def __init__(self, plan: RunPlan, rank: int, world: int, device, start_step: int, last: int):
+        cfg = plan.config
+        self.cfg, self.rank, self.last = cfg, rank, last
+        self.images_per_step = world * cfg.data.batch_size
+        self.sink = (
+            MlflowSink(plan.tracking_uri, plan.run_id, cfg.tracking.system_metrics)
+            if rank == 0
+            else NullSink()
+        )
+        self.samples = None
+        if rank == 0:
+            loaded = load_samples(plan.data_uri, cfg.data, cfg.data.num_samples)
+            self.samples = {d: to_input(x.to(device)) for d, x in loaded.items()}
+        self.t_start = self.t_interval = time.perf_counter()
+        self.step_start, self.wait, self.steps = start_step, 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+        self.steps += 1
+
+    def log(self, losses: dict, state: TrainState, steps_per_epoch: int, finite: bool) -> None:
+        step = state.step
+        if not (step % self.cfg.train.log_every == 0 or step == self.last):
+            return
+        now = time.perf_counter()
+        elapsed = now - self.t_interval
+        metrics = {
+            **losses,
+            "lr": state.opts.G.param_groups[0]["lr"],
+            "throughput/images_per_s": self.steps * self.images_per_step / elapsed,
+            "data/wait_fraction": self.wait / elapsed,
+            "epoch": state.epoch + (step % steps_per_epoch) / steps_per_epoch,
+            "nonfinite_steps": float(not finite),
+            # Peak resident memory of this worker process so far (Linux reports KiB).
+            "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        self.sink.log_metrics(metrics, step)
+        if self.rank == 0:
+            rate = (step - self.step_start) / (now - self.t_start)
+            eta = (self.last - step) / rate if rate > 0 else float("nan")
+            say(
+                f"[train] epoch {state.epoch} step {step}/{self.last} G {losses['loss/G']:.3f} "
+                f"D_A {losses['loss/D_A']:.3f} D_B {losses['loss/D_B']:.3f} "
+                f"cyc {losses['loss/cycle_A']:.3f}/{losses['loss/cycle_B']:.3f} "
+                f"{metrics['throughput/images_per_s']:.1f} img/s "
+                f"wait {100 * metrics['data/wait_fraction']:.0f}% ETA {eta:.0f}s"
+            )
+        self.t_interval, self.wait, self.steps = now, 0.0, 0
+
+    def sample(self, nets: CycleGANNets, step: int) -> None:
+        """The grid of rows real_A, fake_B, rec_A, real_B, fake_A, rec_B on held-out images."""
+        if self.rank != 0 or not (step % self.cfg.train.sample_every == 0 or step == self.last):
+            return
+        a, b = self.samples["A"], self.samples["B"]
+        out = translate_cycle(nets, a, b)
+        grid = image_grid([a, out["fake_B"], out["rec_A"], b, out["fake_A"], out["rec_B"]])
+        self.sink.log_image(grid, "samples", step)
+
+
+class Evaluator:
+    """Held-out scores on rank 0: the paired label scores, else FID/KID where weights are set
+    (the Inception net is loaded on first use)."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan, self.cfg = plan, plan.config
+        self.enabled = plan.paired or bool(self.cfg.train.fid_weights)
+        self.extractor = None
+        self.last: dict[str, float] = {}
+
+    def due(self, step: int, epoch_end: bool, last_step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return self.enabled and (step == last_step or (step % every == 0 if every else epoch_end))
+
+    def scores(self, nets: CycleGANNets) -> dict[str, float]:
+        from pipeline.scoring import default_extractor, paired_scores, unpaired_eval_scores
+
+        size, limit, uri = self.cfg.data.crop_size, self.cfg.train.eval_limit, self.plan.data_uri
+        if self.plan.paired:
+            scores = paired_scores(nets.G_A, nets.G_B, uri, size, limit)
+        else:
+            if self.extractor is None:
+                weights = self.cfg.train.fid_weights
+                self.extractor = default_extractor(None if weights == "download" else weights)
+            scores = unpaired_eval_scores(nets.G_A, nets.G_B, uri, size, limit, self.extractor)
+        self.last = {f"eval/{k}": v for k, v in scores.items()}
+        return self.last
+
+
+def checkpoint_due(cfg: Config, step: int, epoch_end: bool, last: int, eval_due: bool) -> bool:
+    return step % cfg.train.checkpoint_every == 0 or epoch_end or step == last or eval_due
+
+
+def save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due) -> None:
+    """Every rank reports (a barrier); rank 0 evaluates when due and passes the checkpoint."""
+    metrics = {"step": state.step, "epoch": state.epoch, **losses}
+    ckpt = None
+    if runtime.rank == 0:
+        if eval_due or (evaluator.enabled and not evaluator.last):
+            progress.sink.log_metrics(evaluator.scores(state.nets), state.step)
+        metrics.update(evaluator.last)
+        ckpt = make_checkpoint(
+            step=state.step,
+            epoch=state.epoch,
+            config=plan.public_dict()["config"],
+            nets=state.nets,
+            optimizers=state.opts,
+            schedulers=state.scheds,
+            pools=state.pools,
+            mlflow_run_id=plan.run_id,
+        )
+    checkpoints.report(runtime, metrics, ckpt, say)
+
+
+def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
+    """One rank's training, from its plan (``loop_config["plan"]``) to the planned step."""
+    plan: RunPlan = loop_config["plan"]
+    cfg, runtime = plan.config, runtime or TrainRuntime()
+    rank, world, device = runtime.rank, runtime.world, runtime.device
+    torch.set_num_threads(plan.threads_per_worker)
+
+    state = build_state(cfg, rank, device)
+    restore(state, runtime.checkpoint(), cfg, device)
+    torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * state.step)
+    state.nets = wrap(state.nets, cfg, world)
+    shards = {d: runtime.shard(d) for d in ("A", "B")}
     batches = UnpairedBatches(
-        {d: runtime.shard(d) for d in ("A", "B")},
-        counts,
-        cfg.data,
-        world,
-        rank,
-        cfg.train.seed,
-        start_step=step,
+        shards, plan.counts, cfg.data, world, rank, cfg.train.seed, start_step=state.step
     )
     steps_per_epoch = batches.plan.steps_per_epoch
     last_step = total_steps(cfg, steps_per_epoch)
     dtype = autocast_dtype(cfg, device)
-    fuse = cfg.model.norm != "batch"
-    sink = (
-        MlflowSink(loop_config["tracking_uri"], run_id, cfg.tracking.system_metrics)
-        if rank == 0
-        else NullSink()
-    )
-    samples = None
+    progress = Progress(plan, rank, world, device, state.step, last_step)
+    evaluator = Evaluator(plan)
+    hooks = load_fault_hooks()
     if rank == 0:
-        samples = {
-            d: to_input(x.to(device))
-            for d, x in load_samples(
-                loop_config["data_uri"], cfg.data, cfg.data.num_samples
-            ).items()
-        }
-        say(
-            f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {step} -> {last_step}, "
-            f"precision {dtype or torch.float32}, device {device}",
-        )
-
-    data_uri, paired = loop_config["data_uri"], loop_config.get("paired", False)
-    evaluating = paired or bool(cfg.train.fid_weights)
-    extractor = None
-
-    def evaluation() -> dict[str, float]:
-        """Paired label scores, else FID/KID (the Inception net is loaded on first use)."""
-        nonlocal extractor
-        size, limit = cfg.data.crop_size, cfg.train.eval_limit
-        if paired:
-            return paired_scores(nets.G_A, nets.G_B, data_uri, size, limit)
-        if extractor is None:
-            weights = cfg.train.fid_weights
-            extractor = default_extractor(None if weights == "download" else weights)
-        return unpaired_eval_scores(nets.G_A, nets.G_B, data_uri, size, limit, extractor)
-
-    last_eval: dict[str, float] = {}
-    images_per_step = world * cfg.data.batch_size
-    t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
-    t_start, step_start = time.perf_counter(), step
+        say(f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {state.step} -> "
+            f"{last_step}, precision {dtype or torch.float32}, device {device}")  # fmt: skip
     try:
-        while step < last_step:
+        while state.step < last_step:
             t0 = time.perf_counter()
             a, b = batches.next()
-            wait_interval += time.perf_counter() - t0
+            progress.waited(time.perf_counter() - t0)
             real_A = to_input(a.to(device), cfg.train.channels_last)
             real_B = to_input(b.to(device), cfg.train.channels_last)
-            if _nan_injected(step + 1):
-                real_A = real_A * float("nan")
-            _maybe_inject_fault(step + 1, rank)
+            if hooks is not None:
+                real_A = hooks.before_step(state.step + 1, rank, real_A)
             losses = train_step(
-                nets,
-                opts,
-                pools,
-                real_A,
-                real_B,
-                cfg.loss,
-                dtype,
-                fuse,
+                state.nets, state.opts, state.pools, real_A, real_B, cfg.loss, dtype,
+                fuse_calls=cfg.model.norm != "batch",
                 skip_nonfinite=cfg.train.on_nonfinite == "skip",
-            )
-            step += 1
-            steps_interval += 1
-            bad = [k for k, v in losses.items() if not math.isfinite(v)]
-            if bad and cfg.train.on_nonfinite == "stop":
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step} ({', '.join(bad)}); the run stops here and the "
-                    "last checkpoint (written before this step) is kept"
-                )
-            epoch_end = step % steps_per_epoch == 0
+            )  # fmt: skip
+            state.step += 1
+            finite = check_finite(losses, state.step, cfg)
+            epoch_end = state.step % steps_per_epoch == 0
             if epoch_end:
-                epoch += 1
-                for s in scheds.values():
-                    s.step()
-
-            if step % cfg.train.log_every == 0 or step == last_step:
-                now = time.perf_counter()
-                elapsed = now - t_interval
-                metrics = dict(losses)
-                metrics["lr"] = opts.G.param_groups[0]["lr"]
-                metrics["throughput/images_per_s"] = steps_interval * images_per_step / elapsed
-                metrics["data/wait_fraction"] = wait_interval / elapsed
-                metrics["epoch"] = epoch + (step % steps_per_epoch) / steps_per_epoch
-                metrics["nonfinite_steps"] = float(len(bad) > 0)
-                # Peak resident memory of this worker process so far (Linux reports KiB).
-                metrics["memory/peak_rss_mib"] = (
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                )
-                sink.log_metrics(metrics, step)
-                if rank == 0:
-                    rate = (step - step_start) / (now - t_start)
-                    eta = (last_step - step) / rate if rate > 0 else float("nan")
-                    say(
-                        f"[train] epoch {epoch} step {step}/{last_step} "
-                        f"G {losses['loss/G']:.3f} D_A {losses['loss/D_A']:.3f} D_B {losses['loss/D_B']:.3f} "
-                        f"cyc {losses['loss/cycle_A']:.3f}/{losses['loss/cycle_B']:.3f} "
-                        f"{metrics['throughput/images_per_s']:.1f} img/s "
-                        f"wait {100 * metrics['data/wait_fraction']:.0f}% ETA {eta:.0f}s",
-                    )
-                t_interval, wait_interval, steps_interval = now, 0.0, 0
-
-            if rank == 0 and (step % cfg.train.sample_every == 0 or step == last_step):
-                out = translate_cycle(nets, samples["A"], samples["B"])
-                grid = image_grid(
-                    [
-                        samples["A"],
-                        out["fake_B"],
-                        out["rec_A"],
-                        samples["B"],
-                        out["fake_A"],
-                        out["rec_B"],
-                    ]
-                )
-                sink.log_image(grid, "samples", step)
-
-            eval_due = evaluating and (
-                step == last_step
-                or (epoch_end if not cfg.train.eval_every else step % cfg.train.eval_every == 0)
-            )
-            if step % cfg.train.checkpoint_every == 0 or epoch_end or step == last_step or eval_due:
-                metrics = {"step": step, "epoch": epoch, **losses}
-                ckpt = None
-                if rank == 0:
-                    if eval_due or (evaluating and not last_eval):
-                        scores = evaluation()
-                        last_eval = {f"eval/{k}": v for k, v in scores.items()}
-                        sink.log_metrics(last_eval, step)
-                    metrics.update(last_eval)
-                    ckpt = make_checkpoint(
-                        step=step,
-                        epoch=epoch,
-                        config=cfg.to_dict(),
-                        nets=nets,
-                        optimizers=opts,
-                        schedulers=scheds,
-                        pools=pools,
-                        mlflow_run_id=run_id,
-                    )
-                _report(runtime, metrics, ckpt)
+                state.epoch += 1
+                for sched in state.scheds.values():
+                    sched.step()
+            progress.log(losses, state, steps_per_epoch, finite)
+            progress.sample(state.nets, state.step)
+            eval_due = evaluator.due(state.step, epoch_end, last_step)
+            if checkpoint_due(cfg, state.step, epoch_end, last_step, eval_due):
+                save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due)
     finally:
         batches.close()
-    sink.close()
+    progress.sink.close()

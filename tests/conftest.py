@@ -1,4 +1,10 @@
-"""Shared fixtures.
+"""Shared fixtures, and the rule that makes the test tiers mean what they say.
+
+Tiers: a test that starts any process (a Ray head, the moto S3 server, an MLflow server, one of
+the CLIs, even ``bash -n``) or asserts a wall-clock time is marked ``integration``; every other
+test (``make test-fast``, ``-m "not integration"``) runs in this process alone. That is enforced
+here: in an unmarked test every way of starting a process raises, ``ray.init`` refuses, and a
+test that connects to Ray anyway fails.
 
 S3: a real S3-compatible server (moto's standalone server) on 127.0.0.1, started once per
 session. ``s3_env`` points the AWS_* variables of one test at it and hands the test a fresh
@@ -7,6 +13,7 @@ bucket, so subprocesses started by the test (the real CLIs) reach the same serve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -17,11 +24,81 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 
 pytest_plugins = ["tests.ray_fixtures"]
 
 VENV_BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
+
+# The ways a test can start a process: subprocess (and asyncio, which goes through it), fork
+# (multiprocessing's default), posix_spawn and system.
+PROCESS_STARTERS = (
+    (subprocess.Popen, "_execute_child"),
+    (os, "fork"),
+    (os, "posix_spawn"),
+    (os, "posix_spawnp"),
+    (os, "system"),
+)
+
+
+class ProcessInUnitTest(RuntimeError):
+    """Raised where a test that is not marked ``integration`` starts a process or Ray."""
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item):
+    """Around one phase of an unmarked test: starting a process or Ray raises, and an attempt
+    the code under test caught and swallowed still fails the test."""
+    if item.get_closest_marker("integration"):
+        yield
+        return
+    attempts: list[str] = []
+
+    def refuse(what: str):
+        def starter(*args, **kwargs):
+            attempts.append(what)
+            raise ProcessInUnitTest(
+                f"{item.nodeid} starts a process ({what}): mark it integration, or keep it in "
+                "this process"
+            )
+
+        return starter
+
+    patched = [(owner, name, getattr(owner, name)) for owner, name in PROCESS_STARTERS]
+    ray = sys.modules.get("ray")
+    # An integration test earlier in the session may have left this process connected on
+    # purpose (``ray_client``); only a connection made by this test counts.
+    connected_before = ray is not None and ray.is_initialized()
+    if ray is not None:
+        patched.append((ray, "init", ray.init))
+    for owner, name, _ in patched:
+        setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not connected_before:
+        ray.shutdown()
+        attempts.append("connecting to Ray")
+    if attempts:
+        pytest.fail(f"{item.nodeid} is not marked integration but tried: {', '.join(attempts)}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    # Setup too: a session fixture (an S3 server, the Ray head) starts in the setup of the
+    # first test that asks for it.
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _no_processes(item):
+        return (yield)
 
 
 def free_port() -> int:
@@ -144,3 +221,13 @@ def flaky_s3(s3_server, monkeypatch):
     s3_server.create_bucket(bucket)
     yield f"s3://{bucket}", proxy
     proxy.close()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: nets this small gain nothing from intra-op threads, and
+    on a busy machine waiting at the threads' barriers makes every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -131,7 +131,7 @@ def ray_client(ray_head):
 @pytest.fixture(scope="session")
 def scenes(tmp_path_factory) -> str:
     """A tiny built-in scenes dataset: 48 px, 24 trainA, 16 trainB, 4 paired test images."""
-    from pipeline.synth import write_scenes
+    from pipeline.scenes import write_scenes
 
     root = tmp_path_factory.mktemp("scenes") / "data"
     write_scenes(str(root), size=48, train_a=24, train_b=16, test=4, seed=0)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pipeline import config as C
-from pipeline.ablation import VARIANTS, parse_variants, table, variant_config
+from pipeline.loss_ablation import VARIANTS, parse_variants, table, variant_config
 from tests.test_train_cli import REPO, runs_of
 
 

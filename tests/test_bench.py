@@ -9,12 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline import config as C
 from pipeline.bench import train_step_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags, from the kernel."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.integration
 def test_step_cli_writes_json_with_positive_numbers(tmp_path):
     out = tmp_path / "step.json"
     res = subprocess.run(
@@ -67,9 +78,12 @@ def test_step_cli_writes_json_with_positive_numbers(tmp_path):
     for key in ("cpu_model", "cpu_flags", "cpu_count", "versions", "git_commit", "gpu"):
         assert key in env
     assert env["versions"]["torch"] and env["preset"] == "tiny"
-    assert set(env["cpu_flags"]) >= {"amx_bf16", "avx512_bf16"}
+    # The flags the bf16 choice depends on, each as this machine has it (not merely named).
+    assert {"amx_bf16", "avx512_bf16"} <= set(env["cpu_flags"])
+    assert env["cpu_flags"] == {flag: flag in cpu_flags() for flag in env["cpu_flags"]}
 
 
+@pytest.mark.integration
 def test_unknown_variant_is_refused():
     res = subprocess.run(
         [sys.executable, "-m", "pipeline.bench", "step", "--preset", "tiny", "--variants", "fp64"],
@@ -87,14 +101,3 @@ def test_flops_are_positive_and_scale_with_batch():
     one, two = train_step_flops(cfg, 1), train_step_flops(cfg, 2)
     assert one > 0
     assert 1.9 < two / one < 2.1
-
-
-def test_importing_the_benchmark_loads_neither_ray_nor_mlflow():
-    code = (
-        "import sys, pipeline.bench\n"
-        "assert not [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 0, res.stderr

@@ -37,14 +37,7 @@ KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Nets this small gain nothing from intra-op threads, and on a busy machine waiting at the
-    threads' barriers makes every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_state(seed: int):

@@ -176,14 +176,22 @@ def lockstep_loop(config: dict) -> None:
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
 
 
+def datasets_of(root: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
+    """The training datasets and counts of a dataset root, as the driver builds them."""
+    from pipeline.data import build_datasets, check_dataset
+    from pipeline.shards import read_manifest
+
+    manifest = read_manifest(root)
+    return build_datasets(manifest, cfg, seed), check_dataset(manifest, cfg)
+
+
 def run_lockstep(root: str, tmp_path: Path, workers: int, epochs: int, seed: int = 0) -> list[dict]:
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
     from pipeline.config import DataConfig as PipelineDataConfig
-    from pipeline.data import build_datasets
 
-    datasets, counts = build_datasets(root, PipelineDataConfig(load_size=12, crop_size=8), seed)
+    datasets, counts = datasets_of(root, PipelineDataConfig(load_size=12, crop_size=8), seed)
     out = tmp_path / f"out-{seed}-{workers}"
     out.mkdir()
     fit(
@@ -233,12 +241,12 @@ def test_same_seed_same_batches(ray_client, tmp_path):
 
     # Another seed gives other batches: checked on the streams alone (no Train run needed).
     from pipeline.config import DataConfig
-    from pipeline.data import DomainStream, build_datasets
+    from pipeline.data import DomainStream
 
     cfg = DataConfig(load_size=12, crop_size=8)
     drawn = {}
     for seed in (3, 3, 4):
-        datasets, counts = build_datasets(root, cfg, seed)
+        datasets, counts = datasets_of(root, cfg, seed)
         stream = DomainStream(datasets["A"], "A", counts["A"], cfg, seed, 0, cfg.shuffle_buffer)
         try:
             batch = stream.next_batch(8)
@@ -261,7 +269,7 @@ def test_reader_skips_undecodable_rows(ray_client, tmp_path):
 
 def test_reads_shards_from_s3(ray_client, s3_env, tmp_path):
     """Scenes written to the local S3-compatible server stream back through Ray Data."""
-    from pipeline.synth import write_scenes
+    from pipeline.scenes import write_scenes
 
     uri = f"{s3_env}/scenes"
     write_scenes(uri, size=16, train_a=6, train_b=4, test=0, seed=0)

@@ -1,5 +1,6 @@
-"""Evaluation: paired label scores with known answers, FID/KID on a small extractor, and the
-real CLI writing its report and logging to a real MLflow store."""
+"""Evaluation: the scoring passes on in-memory batches, paired label scores with known answers,
+FID/KID on a small extractor, and the real CLI writing its report and logging to a real MLflow
+store."""
 
 from __future__ import annotations
 
@@ -17,12 +18,30 @@ from PIL import Image
 from torch import nn
 
 from cyclegan.checkpoint import save_checkpoint
+from cyclegan.config import AugmentConfig
 from cyclegan.networks import ResnetGenerator
-from cyclegan.transforms import to_input
-from pipeline.evaluate import evaluate, main, paired_scores, read_pairs
-from pipeline.images import decode_image
+from cyclegan.transforms import (
+    eval_size,
+    eval_view,
+    load_size,
+    resize_bicubic,
+    resize_for_load,
+    to_input,
+)
+from pipeline.eval_report import evaluate
+from pipeline.evaluate import main
+from pipeline.images import decode_image, decode_resized, encode_image
+from pipeline.scenes import PALETTE, render_scene, scene_index, write_scenes
+from pipeline.scoring import (
+    UNPAIRED_METRICS,
+    ImageBatches,
+    paired_pass,
+    paired_scores,
+    read_pairs,
+    unpaired_pass,
+    unpaired_scores,
+)
 from pipeline.shards import read_manifest
-from pipeline.synth import PALETTE, render_scene, scene_index, write_scenes
 from tests.ray_fixtures import unpaired_copy
 from tests.test_export import write_run
 
@@ -30,12 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE, TEST = 32, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +100,144 @@ class Constant(nn.Module):
 def small_extractor() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+
+class Shift(nn.Module):
+    def __init__(self, amount: float) -> None:
+        super().__init__()
+        self.amount = amount
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.amount).clamp(-1, 1)
+
+
+# --- the passes, on in-memory batches ----------------------------------------------------------
+
+LABELS = torch.tensor(
+    [[0, 0, 0], [128, 64, 128], [70, 130, 180], [255, 255, 255]], dtype=torch.uint8
+)
+
+
+def label_images(ids: torch.Tensor) -> torch.Tensor:
+    """Class ids (N, H, W) drawn in LABELS colours as (N, 3, H, W) images in [-1, 1]."""
+    return LABELS[ids].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def test_paired_pass_identity_is_perfect_and_restores_modes():
+    ids = torch.randint(0, 4, (4, 8, 8), generator=torch.Generator().manual_seed(4))
+    labels = label_images(ids)
+    batches = [(labels[:2], labels[:2], labels[:2]), (labels[2:], labels[2:], labels[2:])]
+    G_AtoB, G_BtoA = nn.Identity(), Shift(0.02)  # noisy colours still map to their class
+    G_AtoB.train()
+    G_BtoA.eval()
+    scores, galleries = paired_pass(G_AtoB, G_BtoA, batches, LABELS, gallery_rows=3)
+    assert scores["per_pixel_acc"] == scores["per_class_acc"] == scores["class_iou"] == 1.0
+    shift_l1 = ((labels + 0.02).clamp(-1, 1) - labels).abs().mean().item() / 2
+    assert scores["l1_AtoB"] == 0.0 and shift_l1 > 0
+    assert scores["cycle_l1_A"] == scores["cycle_l1_B"] == pytest.approx(shift_l1)
+    assert set(scores) == {"per_pixel_acc", "per_class_acc", "class_iou", "l1_AtoB"} | {
+        "cycle_l1_A",
+        "cycle_l1_B",
+    }
+    assert G_AtoB.training and not G_BtoA.training
+    gallery = galleries["BtoA"]
+    assert gallery.columns == ["input", "output", "reconstruction", "ground truth"]
+    assert gallery.grid().shape == (3 * 8, 4 * 8, 3)
+
+
+def test_paired_pass_hand_computed_scores():
+    """Labels painted all one class, and photos painted one colour: every score by hand."""
+    ids = torch.randint(0, 3, (3, 6, 5), generator=torch.Generator().manual_seed(1))
+    labels = label_images(ids)
+    photos = torch.rand(3, 3, 6, 5, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    G_BtoA, G_AtoB = Constant(LABELS[1].tolist()), Constant([255, 255, 255])
+    batches = [(labels[:2], labels[:2], photos[:2]), (labels[2:], labels[2:], photos[2:])]
+    scores, _ = paired_pass(G_AtoB, G_BtoA, batches, LABELS)
+    share = (ids == 1).double().mean().item()
+    present = len(ids.unique())
+    assert scores["per_pixel_acc"] == pytest.approx(share)
+    assert scores["per_class_acc"] == pytest.approx(1 / present)
+    assert scores["class_iou"] == pytest.approx(share / present)
+    assert scores["l1_AtoB"] == pytest.approx(((1 - photos) / 2).mean().item())
+    assert scores["cycle_l1_B"] == pytest.approx(scores["l1_AtoB"])  # white from any input
+    class_1 = label_images(torch.ones_like(ids))
+    assert scores["cycle_l1_A"] == pytest.approx(((class_1 - labels).abs() / 2).mean().item())
+    # One direction at a time: only its scores.
+    assert set(paired_pass(None, G_BtoA, batches, LABELS)[0]) == {
+        "per_pixel_acc",
+        "per_class_acc",
+        "class_iou",
+    }
+    assert set(paired_pass(G_AtoB, None, batches, LABELS)[0]) == {"l1_AtoB"}
+    with pytest.raises(ValueError, match="at least one generator"):
+        paired_pass(None, None, batches, LABELS)
+
+
+def test_unpaired_pass_identity_gives_zero_fid_and_restores_modes():
+    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    batches = list(images.split(8))
+    extractor = small_extractor()
+    extractor.train()
+    nets = {"AtoB": nn.Identity(), "BtoA": nn.Identity()}
+    scores, galleries = unpaired_pass(nets, {"A": batches, "B": batches}, extractor, 2)
+    assert set(scores) == set(UNPAIRED_METRICS)
+    for d in ("AtoB", "BtoA"):
+        assert abs(scores[f"fid_{d}"]) < 1e-6
+        assert abs(scores[f"kid_{d}"]) < 0.05 and scores[f"kid_{d}_std"] >= 0
+    assert scores["cycle_l1_A"] == scores["cycle_l1_B"] == 0.0
+    assert extractor.training  # mode restored
+    assert galleries["AtoB"].columns == ["input", "output", "reconstruction"]
+    assert galleries["AtoB"].grid().shape == (2 * 16, 3 * 16, 3)
+
+    shifted, _ = unpaired_pass({"AtoB": Shift(0.8)}, {"A": batches, "B": batches}, extractor)
+    assert set(shifted) == {"fid_AtoB", "kid_AtoB", "kid_AtoB_std"}
+    assert shifted["fid_AtoB"] > 1e-3 and shifted["kid_AtoB"] > scores["kid_AtoB"]
+
+
+def test_unpaired_scores_decode_each_pass_and_need_two_images(unpaired):
+    manifest = read_manifest(unpaired)
+    rows = [(k, b) for k, _, b in read_pairs(manifest, "test", None)]
+    batches = ImageBatches(rows, 16, 3)
+    first, second = list(batches), list(batches)  # decoded afresh each time
+    assert [x.shape for x in first] == [(3, 3, 16, 16), (1, 3, 16, 16)]
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    expected = to_input(torch.from_numpy(decode_resized(rows[0][1], rows[0][0], (16, 16)))[None])
+    assert torch.equal(first[0][:1], expected)
+    with pytest.raises(ValueError, match="at least 2 images of domain A"):
+        unpaired_scores(
+            {"AtoB": nn.Identity()}, {"A": rows[:1], "B": rows}, small_extractor(), 16, 3
+        )
+
+
+@pytest.mark.parametrize("preprocess", ["resize_and_crop", "scale_width_and_crop", "crop", "none"])
+def test_decode_resized_matches_the_training_transforms(preprocess):
+    """The one decode+resize gives exactly what the transforms give on the decoded image."""
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    data = encode_image(Image.fromarray(pixels), "PNG")
+    cfg = AugmentConfig(load_size=40, crop_size=24, preprocess=preprocess)
+    img = decode_image(data, "x.png")
+    loaded = decode_resized(data, "x.png", load_size(cfg))
+    np.testing.assert_array_equal(loaded, resize_for_load(img, cfg))
+    np.testing.assert_array_equal(
+        decode_resized(data, "x.png", eval_size(cfg)), eval_view(img, cfg)
+    )
+
+
+def test_decode_resized_sizes_and_nearest_label_maps(scenes):
+    key, a_data, b_data = read_pairs(read_manifest(scenes), "test", 1)[0]
+    photo = decode_image(b_data, key)
+    np.testing.assert_array_equal(decode_resized(b_data, key), np.asarray(photo))
+    np.testing.assert_array_equal(
+        decode_resized(b_data, key, (20, 12)), resize_bicubic(photo, (20, 12))
+    )
+    assert decode_resized(b_data, key, lambda w, h: (w // 2, h)).shape == (SIZE, SIZE // 2, 3)
+    labels = decode_resized(a_data, key, (21, 21), nearest=True)
+    assert {tuple(c) for c in labels.reshape(-1, 3).tolist()} <= {
+        tuple(c) for c in PALETTE.tolist()
+    }
+
+
+# --- the scores of a dataset ---------------------------------------------------------------------
 
 
 def test_a_perfect_generator_scores_perfectly(scenes):
@@ -166,6 +318,7 @@ def mlflow_run(tracking_uri: str, artifacts: Path) -> str:
     return client.create_run(experiment).info.run_id
 
 
+@pytest.mark.integration
 def test_cli_writes_the_report_and_logs_to_the_run(scenes, tmp_path):
     from mlflow import MlflowClient
 

@@ -19,7 +19,7 @@ from cyclegan.networks import ResnetGenerator
 from cyclegan.schedules import build_scheduler
 from cyclegan.train_step import build_nets, build_optimizers, build_pools
 from pipeline.config import tiny
-from pipeline.export import PaddedGenerator, export, run_torchscript
+from pipeline.exporters import PaddedGenerator, export, run_torchscript
 from pipeline.models import (
     ModelSourceError,
     infer_arch,
@@ -32,12 +32,7 @@ HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxsc
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tiny_checkpoint(step: int, seed: int, run_id: str | None = None) -> dict:
@@ -176,18 +171,28 @@ def test_bad_sources_say_what_is_wrong(tmp_path):
         load_generator(str(tmp_path / "checkpoints" / "alpha"), "AtoC")
 
 
-def test_a_checkpoint_that_changed_after_saving_is_refused(tmp_path):
+def test_a_checkpoint_that_changed_after_saving_is_refused(tmp_path, capsys):
     write_run(tmp_path, "RUN", {"checkpoint_000": 1, "checkpoint_001": 2})
     path = tmp_path / "RUN" / "checkpoint_001" / "checkpoint.pt"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     Path(f"{path}.sha256").write_text(digest + "\n")
     assert load_generator(tmp_path / "RUN")[2]["step"] == 2
     torch.save(make_tiny_checkpoint(2, seed=7), path)  # the checksum file still names the old
-    for source in (tmp_path / "RUN", path):
-        with pytest.raises(ModelSourceError, match="does not match its checksum"):
-            load_generator(source)
+    # Named directly, the altered file is refused.
+    with pytest.raises(ModelSourceError, match="does not match its checksum"):
+        load_generator(path)
+    # Through its run, the newest checkpoint that verifies is used instead, as a resume does,
+    # and the one passed over is named.
+    assert load_generator(tmp_path / "RUN")[2]["step"] == 1
+    assert "checkpoint_001" in capsys.readouterr().err
+    # With no checkpoint left that verifies, the run is refused.
+    older = tmp_path / "RUN" / "checkpoint_000" / "checkpoint.pt"
+    older.write_bytes(older.read_bytes()[:100])
+    with pytest.raises(ModelSourceError, match="no checkpoint.pt here"):
+        load_generator(tmp_path / "RUN")
 
 
+@pytest.mark.integration
 def test_mlflow_sources(tmp_path):
     import mlflow
     import numpy as np
@@ -296,7 +301,7 @@ def test_onnx_export_keeps_dynamic_shapes(tmp_path, tiny_generator):
 
 
 def test_missing_onnx_packages_are_named(tmp_path, tiny_generator, monkeypatch):
-    from pipeline.export import ExportError
+    from pipeline.exporters import ExportError
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # find_spec then reports it missing
     with pytest.raises(ExportError, match=r"needs the package\(s\) onnx.*pip install onnx"):
@@ -315,6 +320,7 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
     )
 
 
+@pytest.mark.integration
 def test_export_cli(tmp_path):
     write_run(tmp_path / "checkpoints", "clirun")
     out = tmp_path / "exported"

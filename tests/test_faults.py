@@ -143,7 +143,7 @@ def mlflow_server(tmp_path):
 def test_tracking_outage_does_not_stop_training(ray_head, tmp_path, mlflow_server):
     from mlflow import MlflowClient
 
-    from pipeline.synth import write_scenes
+    from pipeline.scenes import write_scenes
     from tests.flaky_proxy import FlakyProxy
 
     # The run reaches the server through a proxy that goes away for a few seconds: an outage

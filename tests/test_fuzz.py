@@ -30,8 +30,8 @@ from PIL import Image
 from cyclegan.config import AugmentConfig
 from cyclegan.transforms import resize_for_load
 from pipeline.data import decode_resize_batch
+from pipeline.image_import import prepare
 from pipeline.images import MAX_PIXELS, MAX_SIDE, BadImage, decode, decode_image, encode_image
-from pipeline.prepare import prepare
 from pipeline.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,6 +328,7 @@ def absurd_results() -> dict[str, dict]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("fmt", "width", "height"), ABSURD, ids=[_case_name(*c) for c in ABSURD])
 def test_absurd_dimensions_are_refused_quickly_without_allocating(
     absurd_results, fmt, width, height

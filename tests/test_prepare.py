@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline import storage
+from pipeline.image_import import prepare
 from pipeline.images import BadImage, decode, decode_image
-from pipeline.prepare import prepare
 from pipeline.shards import SCHEMA, DatasetError, read_manifest
 from tests.conftest import free_port
 
@@ -229,6 +229,7 @@ def test_read_manifest_errors_name_the_root_and_what_is_missing(src, tmp_path):
     assert str(root) in str(missing.value)
 
 
+@pytest.mark.integration
 def test_cli_to_s3_round_trip_without_leaking_the_secret(src, s3_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CLI_SECRET)  # moto accepts any key
     dest = f"{s3_env}/datasets/h2z"
@@ -251,6 +252,7 @@ def test_cli_to_s3_round_trip_without_leaking_the_secret(src, s3_env, monkeypatc
     assert CLI_SECRET not in again.stdout + again.stderr
 
 
+@pytest.mark.integration
 def test_cli_strict_fails_on_the_first_bad_file(src, tmp_path):
     dest = tmp_path / "ds"
     result = run_cli(str(src), str(dest), "--strict")
@@ -269,6 +271,7 @@ def _expect_cli_error(args: list[str], message: str, manifest: Path | None = Non
         assert not manifest.exists()
 
 
+@pytest.mark.integration
 def test_cli_errors_local(src, tmp_path):
     _expect_cli_error(
         [str(tmp_path / "missing"), str(tmp_path / "d1")],
@@ -301,6 +304,7 @@ def test_cli_errors_local(src, tmp_path):
     _expect_cli_error([str(tmp_path / "d4"), "--a", str(src / "trainA")], "--a and --b go together")
 
 
+@pytest.mark.integration
 def test_cli_refuses_existing_dest_unless_overwrite(src, tmp_path):
     dest = tmp_path / "ds"
     prepare(str(src), str(dest), splits=["trainA"])
@@ -313,6 +317,7 @@ def test_cli_refuses_existing_dest_unless_overwrite(src, tmp_path):
     assert set(manifest.datasets) == {"trainB"} and not list((dest / "trainA").glob("*.parquet"))
 
 
+@pytest.mark.integration
 def test_cli_errors_s3(src, s3_env, monkeypatch):
     _expect_cli_error([str(src), "s3://no-such-bucket-anywhere/ds"], "bucket does not exist")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+from pathlib import Path
 
-from pipeline.worker import STAGING_PREFIX, remove_orphaned_staging
+from pipeline.checkpoints import STAGING_PREFIX, remove_orphaned_staging
 
 
 def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+    """A process id that no process has: one above the kernel's largest (``kill`` answers
+    ESRCH, as for a process that has exited), found without starting a process."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
 
 
 def test_only_the_folders_of_dead_processes_are_removed(tmp_path):

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline.images import encode_image
+from pipeline.scenes import PALETTE, SCENES_CLASSES, render_scene, scene_index, write_scenes
 from pipeline.shards import read_manifest
-from pipeline.synth import PALETTE, SCENES_CLASSES, render_scene, scene_index, write_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS = {name: i for i, (name, _) in enumerate(SCENES_CLASSES)}
@@ -106,6 +106,7 @@ def test_same_seed_gives_identical_bytes(tmp_path):
         assert one != _images(tmp_path / "other", dataset)
 
 
+@pytest.mark.integration
 def test_cli_writes_and_refuses_to_overwrite(tmp_path):
     command = [sys.executable, "-m", "pipeline.synth", "scenes", str(tmp_path / "ds"), "--size",
                "32", "--train-a", "4", "--train-b", "3", "--test", "0"]  # fmt: skip
@@ -118,6 +119,7 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr
 
 
+@pytest.mark.integration
 def test_throughput_of_render_and_encode():
     n = 60
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
+FAULT_HOOKS = {"CYCLEGAN_FAULT_HOOKS": str(Path(__file__).resolve().parent / "fault_hooks.py")}
 
 
 def train_cli(args, home, env_extra=None, timeout=420):
@@ -191,7 +192,7 @@ def test_worker_killed_run_completes(ray_head, scenes, tmp_path):
     import shutil
     import tempfile
 
-    from pipeline.worker import STAGING_PREFIX
+    from pipeline.checkpoints import STAGING_PREFIX
     from tests.test_staging import dead_pid
 
     orphan = Path(tempfile.gettempdir()) / f"{STAGING_PREFIX}{dead_pid()}-test"
@@ -218,6 +219,7 @@ def test_worker_killed_run_completes(ray_head, scenes, tmp_path):
         tmp_path,
         {
             **ray_head.env,
+            **FAULT_HOOKS,
             "CYCLEGAN_FAULT_STEP": "7",
             "CYCLEGAN_FAULT_RANK": "1",
             "CYCLEGAN_FAULT_MARKER": str(marker),
@@ -249,7 +251,7 @@ def test_nonfinite_loss_stops_naming_the_step(ray_head, scenes, tmp_path):
             "scaling.max_failures=0",
         ],
         tmp_path,
-        {**ray_head.env, "CYCLEGAN_FAULT_NAN_STEP": "3"},
+        {**ray_head.env, **FAULT_HOOKS, "CYCLEGAN_FAULT_NAN_STEP": "3"},
     )
     assert res.returncode != 0
     assert "non-finite loss at step 3" in res.stderr

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cyclegan.transforms import to_input, to_uint8
 from pipeline.models import load_generator
-from pipeline.translate import Translator, list_inputs, output_key, scaled_size, translate
+from pipeline.translation import Translator, list_inputs, output_key, scaled_size, translate
 from tests.test_export import write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_inputs_are_checked_before_any_work(run_dir, tmp_path, scenes_32):
 
 @pytest.fixture(scope="module")
 def scenes_32(tmp_path_factory) -> str:
-    from pipeline.synth import write_scenes
+    from pipeline.scenes import write_scenes
 
     root = tmp_path_factory.mktemp("translate") / "scenes"
     write_scenes(str(root), size=32, train_a=1, train_b=1, test=2, seed=0)

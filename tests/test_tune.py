@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +29,7 @@ def tune_cli(args, home, env):
     )
 
 
+@pytest.mark.integration
 def test_sweep_runs_trials_and_writes_the_best_config(ray_head, scenes, tmp_path):
     args = [
         "--preset",
@@ -64,7 +63,8 @@ def test_sweep_runs_trials_and_writes_the_best_config(ray_head, scenes, tmp_path
     assert 1 <= best["loss"]["lambda_A"] <= 30 and best["loss"]["pool_size"] in (0, 50)
     assert best["storage"]["name"] == ""
     # The best config is a valid --config for pipeline.train.
-    from pipeline.train import build_config, build_parser
+    from pipeline.flags import build_config
+    from pipeline.train import build_parser
 
     cfg = build_config(build_parser().parse_args(["--config", str(sweep_dir / "best_config.yaml")]))
     assert cfg.loss.lambda_A == best["loss"]["lambda_A"]
@@ -88,6 +88,7 @@ def test_sweep_runs_trials_and_writes_the_best_config(ray_head, scenes, tmp_path
     # Resuming a sweep reruns no finished trial: test_a_killed_sweep_resumes_without_rerunning...
 
 
+@pytest.mark.integration
 def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tmp_path):
     res = tune_cli(["--data", scenes, "--metric", "eval/fid_AtoB"], tmp_path, {})
     assert res.returncode == 2
@@ -104,6 +105,7 @@ def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_bad_space_is_a_clear_error(tmp_path):
     res = tune_cli(["--space", "loss.lambda_X=uniform:1:2"], tmp_path, {})
     assert res.returncode == 2
@@ -128,6 +130,7 @@ def _children(home):
 TINY = ["--preset", "tiny", "--set", "tracking.log_model=false"]
 
 
+@pytest.mark.integration
 def test_asha_stops_a_clearly_bad_trial_early(ray_head, scenes, tmp_path):
     # lr 1e-12 leaves the cycle loss where it starts; lr 2e-3 brings it down within steps.
     # One trial at a time, the good one first: it sets every rung the bad one is held to.
@@ -146,6 +149,7 @@ def test_asha_stops_a_clearly_bad_trial_early(ray_head, scenes, tmp_path):
     assert last[1e-12] < 20  # the bad one was stopped early
 
 
+@pytest.mark.integration
 def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
     # lr 1e-12 freezes a trial where it starts; PBT must copy the learning one into it.
     args = [*TINY, "--data", scenes, "--max-steps", "40", "--set", "train.checkpoint_every=4",
@@ -169,6 +173,7 @@ def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
     assert (sweep_dir / "best_config.yaml").exists()
 
 
+@pytest.mark.integration
 def test_pbt_refuses_values_that_cannot_change_mid_run(scenes, tmp_path):
     res = tune_cli(["--data", scenes, "--scheduler", "pbt", "--space",
                     "loss.pool_size=choice:0,50"], tmp_path, {})  # fmt: skip
@@ -177,6 +182,7 @@ def test_pbt_refuses_values_that_cannot_change_mid_run(scenes, tmp_path):
     assert res.returncode == 2 and "use --num-workers 1" in res.stderr
 
 
+@pytest.mark.integration
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_head, scenes, tmp_path):
     import signal
     import time
@@ -229,7 +235,7 @@ def _failure(res) -> str:
 
 
 def test_space_values_are_numbers_where_they_read_as_numbers():
-    from pipeline.tune import parse_space
+    from pipeline.search import parse_space
 
     space = parse_space(["optim.lr=choice:2e-3,1e-4", "loss.pool_size=grid:0,50"])
     assert space["optim.lr"].categories == [2e-3, 1e-4]

@@ -21,6 +21,7 @@ def make_jpeg_dataset(root: str, count: int, size: int, seed: int = 0) -> str:
     from PIL import Image
 
     from pipeline.images import encode_image
+    from pipeline.scenes import render_scene
     from pipeline.shards import (
         DatasetError,
         ShardWriter,
@@ -30,7 +31,6 @@ def make_jpeg_dataset(root: str, count: int, size: int, seed: int = 0) -> str:
         write_manifest,
     )
     from pipeline.storage import StorageError
-    from pipeline.synth import render_scene
 
     source = f"bench:scenes-jpeg size={size} count={count} seed={seed}"
     with contextlib.suppress(DatasetError, StorageError):

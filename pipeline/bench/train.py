@@ -16,13 +16,14 @@ def _train_process(cfg_dict: dict, home: str) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from mlflow import MlflowClient
 
-    from pipeline.train import run
+    from pipeline.plan import resolve
+    from pipeline.training import train
 
-    cfg = C.from_dict(cfg_dict)
+    plan = resolve(C.from_dict(cfg_dict))
     t0 = time.perf_counter()
-    result = run(cfg)
+    result = train(plan)
     wall = time.perf_counter() - t0
-    client = MlflowClient(cfg.tracking.resolved_uri())
+    client = MlflowClient(plan.tracking_uri)
     metrics = {}
     for key in ("throughput/images_per_s", "data/wait_fraction", "memory/peak_rss_mib"):
         history = sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)
@@ -44,8 +45,8 @@ def _is_dataset(uri: str) -> bool:
 def _datasets(args: argparse.Namespace, home: str) -> dict[str, str]:
     """``{images per domain: dataset root}``: ``--data``, else the built-in scenes of each
     ``--images`` size (written under ``home`` once)."""
+    from pipeline.scenes import write_scenes
     from pipeline.shards import read_manifest
-    from pipeline.synth import write_scenes
 
     if args.data:
         return {str(read_manifest(args.data).count("trainA")): args.data}

@@ -1,0 +1,195 @@
+"""Checkpoint files on local or object storage: names, staging, reporting, verified loading and
+the newest loadable checkpoint of a run. Resume and model loading both go through here.
+
+A run folder holds Ray Train's ``checkpoint_<time>/`` folders, each with ``checkpoint.pt`` (the
+plain dict of ``cyclegan.checkpoint``) and ``checkpoint.pt.sha256`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+
+from cyclegan.checkpoint import file_sha256, save_checkpoint
+from pipeline import storage
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_PREFIX = "checkpoint_"
+STAGING_PREFIX = "cyclegan-checkpoint-"
+"""Checkpoint staging folders are named ``STAGING_PREFIX + pid + "-" + random``."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, altered or not a checkpoint; names the file."""
+
+
+def file_type(fs: pafs.FileSystem, path: str, where: str) -> pafs.FileType:
+    try:
+        return fs.get_file_info(path).type
+    except Exception as exc:
+        raise CheckpointError(str(storage.wrap_error(where, exc, "stat"))) from None
+
+
+def _read(fs: pafs.FileSystem, path: str, where: str) -> bytes:
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: not found") from None
+    except Exception as exc:
+        raise CheckpointError(str(storage.wrap_error(where, exc, "read"))) from None
+
+
+def load(
+    fs: pafs.FileSystem,
+    path: str,
+    where: str,
+    *,
+    verify: bool = True,
+    mmap: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """A ``torch.save`` file loaded with ``weights_only=True``, checked against its ``.sha256``
+    file when ``verify`` and one exists. Local files may be memory-mapped (only the pickle is
+    read until a tensor is touched: cheap when only the step is needed)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{where}: not found")
+        sidecar = path + ".sha256"
+        if verify and os.path.isfile(sidecar):
+            _check_digest(Path(sidecar).read_text().strip(), file_sha256(path), where, sidecar)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except Exception as exc:
+            if mmap:  # files from old torch versions cannot be mapped; read them whole
+                return load(fs, path, where, verify=False, map_location=map_location)
+            raise CheckpointError(f"{where}: cannot be loaded: {exc}") from None
+    data = _read(fs, path, where)
+    sidecar = path + ".sha256"
+    if verify and file_type(fs, sidecar, where) == pafs.FileType.File:
+        expected = _read(fs, sidecar, where).decode().strip()
+        _check_digest(expected, hashlib.sha256(data).hexdigest(), where, sidecar)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{where}: cannot be loaded: {exc}") from None
+
+
+def _check_digest(expected: str, actual: str, where: str, sidecar: str) -> None:
+    if actual != expected:
+        raise CheckpointError(
+            f"{where}: does not match its checksum file {posixpath.basename(sidecar)} "
+            "(changed or partly copied after it was saved)"
+        )
+
+
+def checkpoint_folders(fs: pafs.FileSystem, run_dir: str, where: str) -> list[str]:
+    """The ``checkpoint_*`` folders of a run folder that hold a checkpoint file."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except Exception as exc:
+        raise CheckpointError(str(storage.wrap_error(where, exc, "list"))) from None
+    folders = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+    )
+    # A folder without the file is one still being written, or emptied by a failure.
+    return [
+        f
+        for f in folders
+        if file_type(fs, posixpath.join(f, CHECKPOINT_FILE), where) == pafs.FileType.File
+    ]
+
+
+def _step(fs: pafs.FileSystem, folder: str, where: str) -> int:
+    try:
+        state = load(fs, posixpath.join(folder, CHECKPOINT_FILE), where, verify=False, mmap=True)
+    except CheckpointError:
+        return -1  # unreadable: tried last, and reported when it is
+    return int(state.get("step", -1)) if isinstance(state, dict) else -1
+
+
+def newest_loadable(
+    fs: pafs.FileSystem,
+    run_dir: str,
+    where: str,
+    *,
+    first: str | None = None,
+    map_location: str | torch.device = "cpu",
+    on_skip: Callable[[str, Exception], None] | None = None,
+) -> tuple[str, dict]:
+    """``(path, checkpoint)`` of the newest checkpoint of a run that loads and verifies.
+
+    Newest is the highest step; at equal steps the later folder (Ray names them by time). The
+    folder ``first`` (the one Ray hands a restarted worker) is tried before the others. A
+    checkpoint that fails is passed to ``on_skip`` and the next older one is tried."""
+    folders = checkpoint_folders(fs, run_dir, where)
+    ordered = sorted(folders, key=lambda f: (_step(fs, f, where), f), reverse=True)
+    if first is not None:
+        first = first.rstrip("/")
+        ordered = [first] + [f for f in ordered if f.rstrip("/") != first]
+    for folder in ordered:
+        path = posixpath.join(folder, CHECKPOINT_FILE)
+        label = storage.join(where, posixpath.basename(folder.rstrip("/")), CHECKPOINT_FILE)
+        try:
+            return path, load(fs, path, label, map_location=map_location)
+        except CheckpointError as exc:
+            if on_skip is not None:
+                on_skip(label, exc)
+    raise CheckpointError(
+        f"{where}: no {CHECKPOINT_FILE} here and no {CHECKPOINT_PREFIX}* folder holding one "
+        "that loads"
+    )
+
+
+# staging: a worker writes a checkpoint into a folder of its own before Ray Train persists it
+
+
+def remove_orphaned_staging(base: str) -> list[str]:
+    """Remove the checkpoint staging folders under ``base`` whose process is gone (a worker
+    killed while reporting leaves its folder, a whole checkpoint, behind); returns their paths."""
+    removed = []
+    with os.scandir(base) as entries:
+        for entry in entries:
+            pid = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+            if not (entry.name.startswith(STAGING_PREFIX) and pid.isdigit()):
+                continue
+            if not entry.is_dir(follow_symlinks=False) or _process_exists(int(pid)):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def report(runtime, metrics: dict, ckpt: dict | None, say: Callable[[str], None]) -> None:
+    """Report ``metrics`` (a barrier on every rank) with ``ckpt`` where this rank passes one
+    (rank 0); the checkpoint is staged in a folder named after this process."""
+    if ckpt is None:
+        runtime.report(metrics, None)
+        return
+    base = tempfile.gettempdir()
+    for path in remove_orphaned_staging(base):
+        say(f"[train] removed {path}, left by a worker that was killed while reporting")
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=base) as tmp:
+        save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
+        runtime.report(metrics, runtime.checkpoint_class.from_directory(tmp))

@@ -1,0 +1,128 @@
+"""A training run resolved on the driver: the one ``RunPlan`` handed to workers and trials.
+
+``resolve(cfg)`` turns a config into absolute URIs, reads the dataset's manifest once (counts,
+pairing), checks what can be checked before Ray starts, and decides the run name and the
+threads per worker. Nothing downstream reads the environment or the manifest for these again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from pipeline import config as C
+from pipeline import runs, storage
+from pipeline.config import Config
+from pipeline.shards import Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a worker needs to know about its run, decided once."""
+
+    config: Config
+    """The run's config: data, storage and tracking URIs absolute, run name set."""
+    counts: dict[str, int]
+    """Training images per domain, from the manifest."""
+    paired: bool
+    """The dataset has a paired test split (testA/testB of the same scenes): label scores."""
+    threads_per_worker: int
+    """torch threads of each training worker."""
+    address: str
+    """The Ray cluster to join (empty: start a local one)."""
+    run_id: str = ""
+    """The MLflow run, once the driver has created (or reopened) it."""
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
+    """The dataset's manifest as read by the driver."""
+
+    @property
+    def name(self) -> str:
+        return self.config.storage.name
+
+    @property
+    def data_uri(self) -> str:
+        return self.config.data.uri
+
+    @property
+    def storage_uri(self) -> str:
+        return self.config.storage.uri
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.tracking.uri
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.storage_uri, self.name)
+
+    def with_config(self, cfg: Config) -> RunPlan:
+        """The same run facts with another config (a trial's sampled values, its name)."""
+        return dataclasses.replace(self, config=cfg)
+
+    def public_dict(self) -> dict:
+        """The plan as printed and logged: the config with credentials in URIs masked."""
+        return {
+            "config": public_config(self.config),
+            "run": {
+                "counts": dict(self.counts),
+                "paired_test": self.paired,
+                "threads_per_worker": self.threads_per_worker,
+                "ray_address": storage.redact(self.address) or "(a local Ray started here)",
+            },
+        }
+
+
+def public_config(cfg: Config) -> dict:
+    """``cfg.to_dict()`` with user-info and secret parameters of every string masked: the one
+    form of a config that is printed, logged to MLflow, or written to a file."""
+
+    def mask(tree):
+        if isinstance(tree, dict):
+            return {k: mask(v) for k, v in tree.items()}
+        return storage.redact(tree) if isinstance(tree, str) else tree
+
+    return mask(cfg.to_dict())
+
+
+def check_fid_weights(cfg: Config) -> None:
+    weights = cfg.train.fid_weights
+    if weights and weights != "download" and not os.path.isfile(weights):
+        raise ValueError(
+            f"train.fid_weights: {weights} is not a file (an inception_v3 state dict, or "
+            "'download' for torchvision's weights)"
+        )
+
+
+def resolve(cfg: Config) -> RunPlan:
+    """The run of ``cfg``; raises with the field, file or URI named when it cannot run."""
+    from pipeline.data import check_dataset
+
+    cfg = C.with_defaults(cfg)
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS", "")
+    name = cfg.storage.name or runs.new_run_name(cfg.preset)
+    cfg = C.merge(cfg, {"storage": {"name": name}})
+    if not cfg.storage.resume and runs.exists(cfg.storage.uri, name):
+        raise ValueError(
+            f"--name {name}: a run of that name exists under {storage.redact(cfg.storage.uri)}; "
+            f"continue it with --resume {name} or choose another name"
+        )
+    check_fid_weights(cfg)
+    # Fail on a bad dataset or an unreachable store before any Ray start-up.
+    for uri, write in ((cfg.data.uri, False), (cfg.storage.uri, True)):
+        if storage.is_remote(uri):
+            storage.check_access(uri, write)
+    manifest = read_manifest(cfg.data.uri)
+    counts = check_dataset(manifest, cfg.data)
+    cores = os.cpu_count() or 1
+    # A local Ray is ours alone: split the cores among the workers. On a cluster each worker
+    # gets the CPUs it reserved.
+    threads = cores // cfg.scaling.num_workers if not address else int(cfg.scaling.cpus_per_worker)
+    return RunPlan(
+        config=cfg,
+        counts=counts,
+        paired=manifest.paired_test and {"testA", "testB"} <= set(manifest.datasets),
+        threads_per_worker=max(1, threads),
+        address=address,
+        manifest=manifest,
+    )

@@ -1,0 +1,100 @@
+"""The Ray connection of every command: join the configured cluster or start a local one, with
+the environment workers need, and check that the training workers can be placed."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+from pipeline.config import Config
+
+TEST_HOOKS_ENV = "CYCLEGAN_FAULT_"
+"""Variables with this prefix reach the workers: the test suite's fault injection."""
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Variables every Ray worker needs: tracking and storage credentials (never logged)."""
+    from pipeline.storage import storage_env
+    from pipeline.tracking import tracking_env
+
+    env = {**tracking_env(cfg), **storage_env()}
+    env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_HOOKS_ENV)})
+    return env
+
+
+def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = None) -> bool:
+    """Join ``address`` (default ``scaling.address``, else ``$RAY_ADDRESS``), or start a local Ray with
+    ``cpus_beyond_cores`` logical CPUs more than the machine has cores; True when started here.
+
+    The extra logical CPUs let the training workers reserve theirs while Ray Data still gets
+    one per core, so data tasks can always be scheduled next to the workers."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = worker_env(cfg)
+    if address is None:
+        address = cfg.scaling.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        # Inside `ray job submit` the job's runtime env already holds some of these variables;
+        # combine the two instead of failing on the overlap.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return False
+    from pipeline.data import RAY_SYSTEM_CONFIG
+
+    ray.init(
+        num_cpus=(os.cpu_count() or 1) + math.ceil(cpus_beyond_cores),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": env},
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
+    return True
+
+
+def _placement_problems(cfg: Config, use_gpu: bool) -> list[str]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    n, per = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    problems = []
+    if use_gpu and n > gpus:
+        problems.append(f"{n} workers need {n} GPUs, the cluster has {gpus:g}")
+    if n * per > cpus:
+        problems.append(f"{n} workers x {per:g} CPUs = {n * per:g} CPUs, the cluster has {cpus:g}")
+    return problems
+
+
+def check_resources(cfg: Config, local: bool) -> bool:
+    """Whether to use GPUs. Raises a clear error when the workers cannot all be placed: at once
+    on a local Ray, after ``scaling.placement_timeout_s`` on a cluster (autoscalers add nodes)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else gpus > 0
+    deadline = time.monotonic() + (0 if local else cfg.scaling.placement_timeout_s)
+    warned = False
+    while problems := _placement_problems(cfg, use_gpu):
+        message = "scaling.num_workers: cannot place the training workers: " + "; ".join(problems)
+        if time.monotonic() >= deadline:
+            raise ValueError(message)
+        if not warned:
+            # Ask the autoscaler (if any) for the workers' bundles; reading resources alone
+            # creates no demand, so no node would ever be added.
+            from ray.autoscaler.sdk import request_resources
+
+            bundle = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+            request_resources(bundles=[bundle] * cfg.scaling.num_workers)
+            print(
+                f"[train] {message}; waiting up to {cfg.scaling.placement_timeout_s:g}s "
+                "for the cluster to grow",
+                file=sys.stderr,
+                flush=True,
+            )
+            warned = True
+        time.sleep(min(5.0, cfg.scaling.placement_timeout_s))
+    return use_gpu

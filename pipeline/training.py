@@ -1,0 +1,138 @@
+"""A training run on Ray Train, driven from one process: open the MLflow run, build the
+datasets and the TorchTrainer from a ``RunPlan``, fit, log the models, close the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from pipeline import ray_cluster, runs, storage, tracking
+from pipeline.plan import RunPlan, public_config
+
+
+@dataclass
+class TrainResult:
+    name: str
+    run_id: str
+    checkpoint_path: str | None
+    step: int
+    metrics: dict = field(default_factory=dict)
+    """The last metrics the workers reported (losses, ``eval/...`` where evaluated)."""
+
+
+def open_mlflow_run(plan: RunPlan, parent_run_id: str | None = None) -> str:
+    """Create the run's MLflow run (or reopen it on resume) and record it in the run folder."""
+    cfg = plan.config
+    tags = {
+        "ray.run_name": plan.name,
+        "checkpoint.storage": storage.redact(plan.run_uri),
+        "data.uri": storage.redact(plan.data_uri),
+        "data.count_A": str(plan.counts["A"]),
+        "data.count_B": str(plan.counts["B"]),
+        "preset": cfg.preset,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    commit = tracking.git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    if cfg.storage.resume:
+        run_id = runs.read_info(plan.storage_uri, plan.name)["mlflow_run_id"]
+        tracking.reopen_run(cfg, run_id, tags)
+        return run_id
+    run_id = tracking.start_run(cfg, plan.name, tags)
+    runs.write_info(
+        plan.storage_uri, plan.name, {"mlflow_run_id": run_id, "config": public_config(cfg)}
+    )
+    return run_id
+
+
+def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data import build_datasets
+    from pipeline.worker import train_loop
+
+    cfg = plan.config
+    fs, path = storage.resolve(plan.storage_uri)
+    storage_kwargs = (
+        {"storage_path": path, "storage_filesystem": fs}
+        if storage.is_remote(plan.storage_uri)
+        else {"storage_path": os.path.abspath(path)}
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"plan": plan},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=plan.name,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks or [],
+            **storage_kwargs,
+        ),
+        datasets=build_datasets(plan.manifest, cfg.data, cfg.train.seed),
+        dataset_config=DataConfig(
+            execution_options=ExecutionOptions(preserve_order=cfg.data.deterministic)
+        ),
+    )
+
+
+def _storage_failure(plan: RunPlan, exc: BaseException) -> storage.StorageError | None:
+    """A storage failure of ``fit`` as the user's error, naming the store and how to go on."""
+    kind = storage.error_kind(exc)
+    if kind not in ("unreachable", "no_space", "access_denied"):
+        return None
+    remote = storage.is_remote(plan.storage_uri)
+    where = plan.storage_uri if kind != "unreachable" or remote else plan.data_uri
+    return storage.StorageError(
+        where,
+        kind,
+        "training stopped; the checkpoints completed before are kept: continue "
+        f"with `python -m pipeline.train --resume {plan.name}` once this is fixed",
+    )
+
+
+def train(
+    plan: RunPlan, callbacks: list | None = None, parent_run_id: str | None = None
+) -> TrainResult:
+    """Train ``plan`` to the end; returns where things went. Raises on failure.
+
+    ``callbacks`` go to Ray Train's RunConfig (Tune's report callback in a sweep);
+    ``parent_run_id`` nests the MLflow run under a sweep's run."""
+    import ray
+
+    cfg = plan.config
+    workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    started_here = ray_cluster.connect(cfg, workers_cpus, address=plan.address)
+    try:
+        use_gpu = ray_cluster.check_resources(cfg, local=started_here)
+        plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))
+        print(f"[train] run {plan.name}, MLflow run {plan.run_id} at "
+              f"{storage.redact(plan.tracking_uri)}", flush=True)  # fmt: skip
+        trainer = build_trainer(plan, use_gpu, callbacks)
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            tracking.finish_run(cfg, plan.run_id, "FAILED")
+            failure = _storage_failure(plan, exc)
+            if failure is not None:
+                raise failure from exc
+            raise
+        checkpoint = result.checkpoint
+        step = int(result.metrics.get("step", 0)) if result.metrics else 0
+        if checkpoint is not None and cfg.tracking.log_model:
+            tracking.log_generators(cfg, plan.run_id, checkpoint)
+        tracking.finish_run(cfg, plan.run_id, "FINISHED")
+        path = checkpoint.path if checkpoint else None
+        return TrainResult(plan.name, plan.run_id, path, step, dict(result.metrics or {}))
+    finally:
+        if started_here:
+            ray.shutdown()
