@@ -117,6 +117,7 @@ def train_step(
     ``skip_nonfinite`` leaves the weights of an update whose loss is NaN/Inf untouched (at the
     cost of one host sync per update). Returns the losses as floats, keyed by ``LOSS_NAMES``.
     """
+    # Long on purpose: the paper's iteration (G step, then D step) reads best as one piece, like the original.
     device_type = real_A.device.type
     autocast = (
         torch.autocast(device_type, dtype=autocast_dtype)

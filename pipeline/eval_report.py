@@ -50,6 +50,7 @@ def evaluate(
     Returns the metrics.json content: ``mode``, ``metrics``, ``images``, ``size``, ``split``,
     ``data`` and whatever ``description`` adds (model, step, ...).
     """
+    # Long on purpose: mostly the signature and its documentation; the body is four named steps.
     if not generators:
         raise ValueError("generators: none given")
     if split not in ("test", "train"):

@@ -134,6 +134,7 @@ def export(
     "metadata": path}``; a diff is None where it could not be checked (no onnxruntime).
     Raises :class:`ExportError` when a check exceeds 1e-4.
     """
+    # Long on purpose: each format is written and then checked against the eager model in the same place.
     formats = list(formats)
     check_formats(formats)
     if size < 4:

@@ -193,6 +193,7 @@ def prepare(
     Raises :class:`PrepareError`, :class:`pipeline.storage.StorageError` or
     :class:`pipeline.shards.DatasetError`; no manifest is written then.
     """
+    # Long on purpose: the checks that must all pass before anything is written, then the write, in order.
     if reencode not in REENCODE_CHOICES:
         raise PrepareError(f"--reencode {reencode!r} is not one of {', '.join(REENCODE_CHOICES)}")
     if max_side is not None and max_side < 1:

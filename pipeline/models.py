@@ -270,6 +270,7 @@ def _load_mlflow(
     source: str, directions: list[str], tracking_uri: str | None, strict: bool
 ) -> tuple[dict, dict, dict]:
     """Generators of an MLflow source; with ``strict`` every asked direction must load."""
+    # Long on purpose: the URI forms MLflow accepts each need their own lookup, kept together.
     import mlflow
     from mlflow import MlflowClient
 

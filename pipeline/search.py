@@ -247,6 +247,7 @@ def start_sweep(
 
 def sweep(cfg: Config, name: str, settings: SweepSettings, resume: bool = False) -> dict:
     """Run (or, with ``resume``, continue) the sweep ``name`` over ``cfg``; returns the summary."""
+    # Long on purpose: the one place a Tuner is built; new and resumed sweeps share every line but three.
     import ray
     from ray import tune
 
@@ -268,6 +269,8 @@ def sweep(cfg: Config, name: str, settings: SweepSettings, resume: bool = False)
         base = C.from_dict(info["base"])
         plan = resolve(C.merge(base, {"storage": {"name": name, "resume": True}}))
     else:
+        pbt = settings.scheduler == "pbt"
+        parse_space(list(settings.space) or list(DEFAULT_PBT_SPACE if pbt else DEFAULT_SPACE))
         # The sweep's name is a folder of its own (tune/NAME), not a run: resolve as a resume.
         plan = resolve(C.merge(cfg, {"storage": {"name": name, "resume": True}}))
         info = start_sweep(cfg, name, settings, sweep_uri, plan.paired)

@@ -258,6 +258,7 @@ def translate(
     Returns ``{"keys": [output keys], "images": n, "failed": [{"key", "reason"}], "seconds",
     "images_per_s", "actors", "gpus_per_actor", "sizes": {output key: (width, height)}}``.
     """
+    # Long on purpose: checks first (cheap, before any actor starts), then the one Ray Data pipeline.
     import ray
 
     from pipeline.models import load_generator

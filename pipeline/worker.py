@@ -153,13 +153,15 @@ def restore(state: TrainState, latest, cfg: Config, device: torch.device) -> Non
     if latest is None:
         return
     run_dir = os.path.dirname(latest.path.rstrip("/"))
-    _, ckpt = checkpoints.newest_loadable(
+    path, ckpt = checkpoints.newest_loadable(
         latest.filesystem,
         run_dir,
         run_dir,
         first=latest.path,
         map_location=device,
-        on_skip=lambda where, exc: say(f"[train] checkpoint {where} is unusable: {exc}"),
+        on_skip=lambda where, exc: say(
+            f"[train] checkpoint {where} is unusable ({exc}); trying the next older one"
+        ),
     )
     state.step, state.epoch = restore_checkpoint(
         ckpt, state.nets, state.opts, state.scheds, state.pools, device
@@ -168,7 +170,7 @@ def restore(state: TrainState, latest, cfg: Config, device: torch.device) -> Non
     for sched in state.scheds.values():
         if sched.base_lrs[0] != cfg.optim.lr:
             set_base_lr(sched, cfg.optim.lr)
-    say(f"[train] resumed at step {state.step}")
+    say(f"[train] resuming from {path} (step {state.step})")
 
 
 def wrap(nets: CycleGANNets, cfg: Config, world_size: int) -> CycleGANNets:

@@ -2,9 +2,9 @@
 
 Tiers: a test that starts any process (a Ray head, the moto S3 server, an MLflow server, one of
 the CLIs, even ``bash -n``) or asserts a wall-clock time is marked ``integration``; every other
-test (``make test-fast``, ``-m "not integration"``) runs in this process alone. That is enforced
-here: in an unmarked test every way of starting a process raises, ``ray.init`` refuses, and a
-test that connects to Ray anyway fails.
+test (``make test-fast``, ``-m "not integration"``) runs in this process alone. The process rule
+is enforced here: in an unmarked test every way of starting a process raises, ``ray.init``
+refuses, and a test that connects to Ray anyway fails.
 
 S3: a real S3-compatible server (moto's standalone server) on 127.0.0.1, started once per
 session. ``s3_env`` points the AWS_* variables of one test at it and hands the test a fresh
@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -54,9 +55,13 @@ def _no_processes(item: pytest.Item):
         yield
         return
     attempts: list[str] = []
+    # Threads an earlier test's fixtures left running (Ray's, a proxy's) are not this test's.
+    background = set(threading.enumerate()) - {threading.main_thread()}
 
-    def refuse(what: str):
+    def refuse(what: str, original):
         def starter(*args, **kwargs):
+            if threading.current_thread() in background:
+                return original(*args, **kwargs)
             attempts.append(what)
             raise ProcessInUnitTest(
                 f"{item.nodeid} starts a process ({what}): mark it integration, or keep it in "
@@ -72,8 +77,8 @@ def _no_processes(item: pytest.Item):
     connected_before = ray is not None and ray.is_initialized()
     if ray is not None:
         patched.append((ray, "init", ray.init))
-    for owner, name, _ in patched:
-        setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+    for owner, name, original in patched:
+        setattr(owner, name, refuse(f"{owner.__name__}.{name}", original))
     try:
         yield
     finally:
@@ -89,6 +94,8 @@ def _no_processes(item: pytest.Item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     # Setup too: a session fixture (an S3 server, the Ray head) starts in the setup of the
     # first test that asks for it.
     with _no_processes(item):

@@ -98,13 +98,27 @@ def test_ddp_gradients_match_single_process(ray_client, tmp_path):
     opts = sgd(nets)
     ((real_A, real_B),) = batches(2, 1)
     train_step(nets, opts, build_pools(0, 0), real_A, real_B, LOSS)
+    # Per net and norm-wise. Batch 1 per rank and batch 2 here run other kernels; besides
+    # rounding (~eps32 * sqrt(K) = 1e-5 for K up to 2*32*32), an L1 term or a ReLU whose input
+    # is within rounding of 0 may take the other branch, which moves the gradient by ~2/sqrt(N)
+    # of its norm (N = 3*32*32 per rank: 3.6e-2; see GRAD_RTOL in test_train_step.py). Room for
+    # two such switches. The conv biases an instance norm cancels have a true gradient of 0: their
+    # entries are noise, negligible in the norm (compared one by one they can fail any atol).
+    grad_rtol = 8e-2
     checked = 0
     for name, net in nets.items():
-        for key, p in net.named_parameters():
-            for r in ranks:
-                torch.testing.assert_close(r["grads"][name][key], p.grad, rtol=1e-4, atol=1e-6)
-                torch.testing.assert_close(r["params"][name][key], p.detach(), rtol=1e-5, atol=1e-6)
-            checked += 1
+        keys = [key for key, _ in net.named_parameters()]
+        grad = torch.cat([p.grad.flatten() for _, p in net.named_parameters()])
+        weight = torch.cat([p.detach().flatten() for _, p in net.named_parameters()])
+        for r in ranks:
+            rank_grad = torch.cat([r["grads"][name][key].flatten() for key in keys])
+            rank_weight = torch.cat([r["params"][name][key].flatten() for key in keys])
+            grad_error = (rank_grad - grad).norm()
+            assert grad_error <= grad_rtol * grad.norm(), f"{name}: gradients differ"
+            # One SGD step, w - 0.1 * g: the weights differ by 0.1 x the gradients' difference,
+            # plus fp32 rounding of each w (ulp(0.1) = 7e-9, far under 1e-6 summed in the norm).
+            assert (rank_weight - weight).norm() <= 0.1 * grad_error + 1e-6, f"{name}: weights"
+        checked += len(keys)
     assert checked == sum(len(list(n.parameters())) for _, n in nets.items())
 
 

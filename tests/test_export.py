@@ -30,6 +30,11 @@ from pipeline.models import (
 REPO = Path(__file__).resolve().parents[1]
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+# An exported generator against the eager one: other kernels (TorchScript's, ONNX Runtime's), so
+# sums round in another order. A tanh output (|y| <= 1, slope <= 1) after ~15 reductions with
+# sum K ~ 4,700 (convs C_in*kh*kw <= 392, instance norms over H*W <= 64*17) differs by
+# ~eps32 * sqrt(4,700) = 8e-6; 12x that, under the worst case eps32 * K = 5.6e-4.
+EXPORT_ATOL = 1e-4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,14 +272,14 @@ def test_torchscript_export_keeps_dynamic_shapes(tmp_path):
     path = result["files"]["torchscript"]
     assert path.endswith("generator_AtoB.torchscript.pt") and os.path.isfile(path)
     assert set(result["max_abs_diff"]["torchscript"]) == {"1x32x32", "2x19x25"}
-    assert all(d <= 1e-4 for d in result["max_abs_diff"]["torchscript"].values())
+    assert all(d <= EXPORT_ATOL for d in result["max_abs_diff"]["torchscript"].values())
     for shape in [(1, 3, 32, 32), (1, 3, 30, 45), (3, 3, 17, 22)]:
         x = torch.rand(shape) * 2 - 1
         got = run_torchscript(path, x)
         with torch.no_grad():
             want = net(x)
         assert got.shape == want.shape == shape
-        assert (got - want).abs().max().item() <= 1e-4
+        assert (got - want).abs().max().item() <= EXPORT_ATOL
     meta = json.loads(Path(result["metadata"]).read_text())
     assert meta["input"]["range"] == [-1.0, 1.0]
     assert meta["files"]["torchscript"] == "generator_AtoB.torchscript.pt"
@@ -287,7 +292,7 @@ def test_onnx_export_keeps_dynamic_shapes(tmp_path, tiny_generator):
     assert path.endswith("generator_BtoA.onnx") and os.path.isfile(path)
     if not HAS_ORT:
         pytest.skip("onnxruntime is not installed: the export is not checked")
-    assert all(d <= 1e-4 for d in result["max_abs_diff"]["onnx"].values())
+    assert all(d <= EXPORT_ATOL for d in result["max_abs_diff"]["onnx"].values())
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -297,7 +302,7 @@ def test_onnx_export_keeps_dynamic_shapes(tmp_path, tiny_generator):
         with torch.no_grad():
             want = tiny_generator(x).numpy()
         assert got.shape == want.shape
-        assert abs(got - want).max() <= 1e-4
+        assert abs(got - want).max() <= EXPORT_ATOL
 
 
 def test_missing_onnx_packages_are_named(tmp_path, tiny_generator, monkeypatch):

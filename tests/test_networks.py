@@ -101,7 +101,12 @@ def test_generator_samples_are_independent_with_instance_norm():
     x = torch.randn(3, 3, 16, 16)
     batched = net(x)
     single = torch.cat([net(x[i : i + 1]) for i in range(3)])
-    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    # Batch 3 and batch 1 may take other conv kernels, so sums round in another order: a tanh
+    # output (|y| <= 1, slope <= 1) after ~20 reductions with sum K ~ 3,000 (convs C_in*kh*kw
+    # <= 392, instance norms over H*W <= 256) differs by ~eps32 * sqrt(3,000) = 6.5e-6
+    # (measured: 2e-6 on AVX2 and AVX-512). 15x that, under the worst case eps32 * K = 3.6e-4;
+    # statistics shared across the batch would differ by O(0.1).
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-4)
 
 
 def patchgan_output_size(size: int, n_layers: int = 3) -> int:

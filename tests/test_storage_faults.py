@@ -265,7 +265,8 @@ def test_a_full_disk_stops_clearly_keeping_earlier_checkpoints(ray_head, scenes,
     assert "no space left" in res.stderr and "--resume full" in res.stderr, res.stderr[-3000:]
     assert str(small_disk / "runs") in res.stderr
 
-    folders = sorted((small_disk / "runs" / "full").glob("checkpoint_*"))  # named by time
+    run_dir = small_disk / "runs" / "full"
+    folders = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # named by time
     complete, broken = [], []
     for folder in folders:
         try:

@@ -37,6 +37,7 @@ from pipeline.bench.train import bench_train, print_train
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: one flag list per benchmark, read top to bottom; splitting it would scatter the flags.
     p = argparse.ArgumentParser(
         prog="python -m pipeline.bench",
         description="Benchmark the train step, the data path, or short training runs.",

@@ -203,6 +203,7 @@ class VariantProcess:
 
 
 def bench_step(args: argparse.Namespace) -> dict:
+    # Long on purpose: the variants are measured interleaved in one loop, so their numbers are side by side.
     cfg = C.preset(args.preset)
     batch = args.batch_size or cfg.data.batch_size
     warmup, repeats, per_round = STEP_REPEATS.get(args.preset, (1, 5, 2))

@@ -65,6 +65,7 @@ def _last(series: list) -> float | None:
 
 
 def bench_train(args: argparse.Namespace) -> dict:
+    # Long on purpose: one table row per (images, workers) run, built where it is measured.
     cfg = C.preset(args.preset)
     home = args.home or os.path.join(C.home(), "bench")
     datasets = _datasets(args, home)
