@@ -30,65 +30,6 @@ def tune_cli(args, home, env):
 
 
 @pytest.mark.integration
-def test_sweep_runs_trials_and_writes_the_best_config(ray_head, scenes, tmp_path):
-    args = [
-        "--preset",
-        "tiny",
-        "--data",
-        scenes,
-        "--num-samples",
-        "2",
-        "--max-steps",
-        "6",
-        "--set",
-        "train.checkpoint_every=2",
-        "--set",
-        "tracking.log_model=false",
-        "--space",
-        "loss.lambda_cyc=loguniform:1:30",
-        "--space",
-        "loss.pool_size=choice:0,50",
-        "--grace-period",
-        "1",
-        "--name",
-        "sweep",
-    ]
-    res = tune_cli(args, tmp_path, ray_head.env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "best eval/class_iou" in res.stdout
-
-    sweep_dir = tmp_path / "checkpoints" / "tune" / "sweep"
-    best = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
-    assert best["loss"]["lambda_A"] == best["loss"]["lambda_B"]
-    assert 1 <= best["loss"]["lambda_A"] <= 30 and best["loss"]["pool_size"] in (0, 50)
-    assert best["storage"]["name"] == ""
-    # The best config is a valid --config for pipeline.train.
-    from pipeline.flags import build_config
-    from pipeline.train import build_parser
-
-    cfg = build_config(build_parser().parse_args(["--config", str(sweep_dir / "best_config.yaml")]))
-    assert cfg.loss.lambda_A == best["loss"]["lambda_A"]
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("cyclegan")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("kind") == "tune"]
-    assert len(parents) == 1
-    parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2
-    for child in children:
-        assert client.get_metric_history(child.info.run_id, "eval/class_iou")
-        assert client.get_metric_history(child.info.run_id, "loss/G_A")
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.md", "best_config.yaml"} <= artifacts
-    assert "best/eval/class_iou" in parent.data.metrics
-    # Resuming a sweep reruns no finished trial: test_a_killed_sweep_resumes_without_rerunning...
-
-
-@pytest.mark.integration
 def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tmp_path):
     res = tune_cli(["--data", scenes, "--metric", "eval/fid_AtoB"], tmp_path, {})
     assert res.returncode == 2
@@ -131,22 +72,44 @@ TINY = ["--preset", "tiny", "--set", "tracking.log_model=false"]
 
 
 @pytest.mark.integration
-def test_asha_stops_a_clearly_bad_trial_early(ray_head, scenes, tmp_path):
+def test_asha_sweep_stops_a_bad_trial_and_writes_the_best_config(ray_head, scenes, tmp_path):
     # lr 1e-12 leaves the cycle loss where it starts; lr 2e-3 brings it down within steps.
     # One trial at a time, the good one first: it sets every rung the bad one is held to.
     args = [*TINY, "--data", scenes, "--max-steps", "20", "--set", "train.checkpoint_every=2",
-            "--space", "optim.lr=grid:2e-3,1e-12", "--num-samples", "1", "--grace-period", "1",
-            "--max-concurrent", "1",
+            "--space", "optim.lr=grid:2e-3,1e-12", "--space", "loss.lambda_cyc=choice:7",
+            "--num-samples", "1", "--grace-period", "1", "--max-concurrent", "1",
             "--metric", "loss/cycle_A", "--mode", "min", "--name", "asha"]  # fmt: skip
     res = tune_cli(args, tmp_path, ray_head.env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "best loss/cycle_A" in res.stdout
+
     client, kids = _children(tmp_path)
+    assert len(kids) == 2
     last = {}
     for kid in kids:
         history = client.get_metric_history(kid.info.run_id, "loss/cycle_A")
         last[float(kid.data.params["optim.lr"])] = max(m.step for m in history)
+        assert client.get_metric_history(kid.info.run_id, "eval/class_iou")  # trials evaluate
+        assert (
+            float(kid.data.params["loss.lambda_A"]) == float(kid.data.params["loss.lambda_B"]) == 7
+        )
     assert last[2e-3] == 20  # the good trial ran to the end
     assert last[1e-12] < 20  # the bad one was stopped early
+
+    sweep_dir = tmp_path / "checkpoints" / "tune" / "asha"
+    best = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
+    assert best["optim"]["lr"] == 2e-3 and best["loss"]["lambda_A"] == best["loss"]["lambda_B"] == 7
+    assert best["storage"]["name"] == ""
+    # The best config is a valid --config for pipeline.train.
+    from pipeline.flags import build_config
+    from pipeline.train import build_parser
+
+    cfg = build_config(build_parser().parse_args(["--config", str(sweep_dir / "best_config.yaml")]))
+    assert cfg.optim.lr == 2e-3 and cfg.loss.lambda_B == 7
+    parent_id = kids[0].data.tags["mlflow.parentRunId"]
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"results.md", "best_config.yaml"} <= artifacts
+    assert "best/loss/cycle_A" in client.get_run(parent_id).data.metrics
 
 
 @pytest.mark.integration
