@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -214,7 +215,6 @@ class DomainStream:
         self.shard, self.domain, self.n, self.cfg = shard, domain, rows_per_pass, cfg
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
         self.pass_index, self.offset = divmod(start_row, rows_per_pass)
-        self.last_keys: list[str] = []
         self._pending: list[tuple[list[str], torch.Tensor]] = []
         self._queue: queue.Queue = queue.Queue(maxsize=self.READ_AHEAD)
         self._stop = threading.Event()
@@ -314,8 +314,8 @@ class DomainStream:
             return [c[None] for c in crops]
         return torch.stack(crops)
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        """The next ``batch_size`` rows as NHWC uint8; their keys are in ``last_keys``."""
+    def next_batch(self, batch_size: int) -> tuple[list[str], torch.Tensor]:
+        """The keys and the NHWC uint8 pixels of the next ``batch_size`` rows."""
         keys: list[str] = []
         parts: list[torch.Tensor] = []
         need = batch_size
@@ -337,15 +337,14 @@ class DomainStream:
             if take < len(rows):
                 self._pending.append((chunk_keys[take:], rows[take:]))
             need -= take
-        self.last_keys = keys
         if len(parts) == 1:
-            return parts[0]
+            return keys, parts[0]
         if len({p.shape[1:] for p in parts}) > 1:
             raise ValueError(
                 "data.preprocess: images of different sizes in one batch; "
                 "use a cropping preprocess or data.batch_size=1"
             )
-        return torch.cat(parts)
+        return keys, torch.cat(parts)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the reader thread and wait for it (it ends after the batch it is reading)."""
@@ -367,6 +366,15 @@ def _closed_after(iterator):
 @dataclass
 class _ReadFailure:
     exc: BaseException
+
+
+class LockstepBatch(NamedTuple):
+    """One step's images of both domains (NHWC uint8) and their keys."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    keys_A: list[str]
+    keys_B: list[str]
 
 
 class UnpairedBatches:
@@ -399,9 +407,11 @@ class UnpairedBatches:
             for d in DOMAINS
         }
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> LockstepBatch:
         b = self.plan.batch_size
-        return self.streams["A"].next_batch(b), self.streams["B"].next_batch(b)
+        keys_A, A = self.streams["A"].next_batch(b)
+        keys_B, B = self.streams["B"].next_batch(b)
+        return LockstepBatch(A, B, keys_A, keys_B)
 
     def close(self) -> None:
         for stream in self.streams.values():

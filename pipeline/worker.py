@@ -195,13 +195,15 @@ def load_fault_hooks():
     return module
 
 
-def check_finite(losses: dict[str, float], step: int, cfg: Config) -> bool:
-    """False for a step with a NaN/Inf loss; with ``on_nonfinite=stop`` it raises instead."""
+def check_finite(losses: dict[str, float], step: int, cfg: Config, batch) -> bool:
+    """False for a step with a NaN/Inf loss; with ``on_nonfinite=stop`` it raises instead,
+    naming the step, the losses and the images of the batch."""
     bad = [k for k, v in losses.items() if not math.isfinite(v)]
     if bad and cfg.train.on_nonfinite == "stop":
         raise NonFiniteLoss(
-            f"non-finite loss at step {step} ({', '.join(bad)}); the run stops here and the "
-            "last checkpoint (written before this step) is kept"
+            f"non-finite loss at step {step} ({', '.join(bad)}) on images "
+            f"A {', '.join(batch.keys_A)} and B {', '.join(batch.keys_B)}; the run stops here "
+            "and the last checkpoint (written before this step) is kept"
         )
     return not bad
 
@@ -349,10 +351,10 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     try:
         while state.step < last_step:
             t0 = time.perf_counter()
-            a, b = batches.next()
+            batch = batches.next()
             progress.waited(time.perf_counter() - t0)
-            real_A = to_input(a.to(device), cfg.train.channels_last)
-            real_B = to_input(b.to(device), cfg.train.channels_last)
+            real_A = to_input(batch.A.to(device), cfg.train.channels_last)
+            real_B = to_input(batch.B.to(device), cfg.train.channels_last)
             if hooks is not None:
                 real_A = hooks.before_step(state.step + 1, rank, real_A)
             losses = train_step(
@@ -361,7 +363,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
                 skip_nonfinite=cfg.train.on_nonfinite == "skip",
             )  # fmt: skip
             state.step += 1
-            finite = check_finite(losses, state.step, cfg)
+            finite = check_finite(losses, state.step, cfg, batch)
             epoch_end = state.step % steps_per_epoch == 0
             if epoch_end:
                 state.epoch += 1

@@ -179,12 +179,12 @@ def lockstep_loop(config: dict) -> None:
     )
     log = {"steps_per_epoch": stream.plan.steps_per_epoch, "A": [], "B": [], "first": []}
     for step in range(config["epochs"] * stream.plan.steps_per_epoch):
-        a, b = stream.next()
+        a, b, keys_A, keys_B = stream.next()
         assert a.dtype == torch.uint8 and a.shape == (1, 8, 8, 3) and b.shape == (1, 8, 8, 3)
         x = to_input(a)
         assert x.shape == (1, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
-        log["A"].append(stream.streams["A"].last_keys)
-        log["B"].append(stream.streams["B"].last_keys)
+        log["A"].append(keys_A)
+        log["B"].append(keys_B)
         if step < 3:
             log["first"].append([a.tolist(), b.tolist()])
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
@@ -263,10 +263,10 @@ def test_same_seed_same_batches(ray_client, tmp_path):
         datasets, counts = datasets_of(root, cfg, seed)
         stream = DomainStream(datasets["A"], "A", counts["A"], cfg, seed, 0, cfg.shuffle_buffer)
         try:
-            batch = stream.next_batch(8)
+            keys, batch = stream.next_batch(8)
         finally:
             stream.close()
-        pair = (stream.last_keys, batch.numpy().tobytes())
+        pair = (keys, batch.numpy().tobytes())
         assert drawn.setdefault(seed, pair) == pair
     assert drawn[3][0] != drawn[4][0] and drawn[3][1] != drawn[4][1]
 
@@ -315,14 +315,14 @@ def test_stream_reads_passes_ahead_and_resumes_mid_pass(ray_client, tmp_path, mo
     manifest = read_manifest(root)
     ds = domain_dataset(manifest, "A", cfg, seed=0)
     full = DomainStream(ds, "A", 9, cfg, seed=1, rank=0, shuffle_buffer=4)
-    rows = [full.next_batch(4) for _ in range(6)]  # 24 rows: nearly three passes
-    keys = list(full.last_keys)
+    batches = [full.next_batch(4) for _ in range(6)]  # 24 rows: nearly three passes
+    keys, rows = batches[-1]
     full.close()
     full._thread.join(timeout=20)
     assert not full._thread.is_alive()  # the reader thread ends once told to
     later = DomainStream(ds, "A", 9, cfg, seed=1, rank=0, shuffle_buffer=4, start_row=20)
-    assert torch.equal(later.next_batch(4), rows[5])
-    assert later.last_keys == keys
+    later_keys, later_rows = later.next_batch(4)
+    assert torch.equal(later_rows, rows) and later_keys == keys
     later.close()
 
 
@@ -367,7 +367,7 @@ def test_stream_without_preprocessing_keeps_each_image_size(ray_client, tmp_path
     cfg = DataConfig(preprocess="none", shuffle_buffer=0, flip=False)
     ds = domain_dataset(read_manifest(str(tmp_path)), "A", cfg, seed=0)
     stream = DomainStream(ds, "A", 4, cfg, seed=0, rank=0, shuffle_buffer=0)
-    sides = sorted(stream.next_batch(1).shape[1] for _ in range(4))
+    sides = sorted(stream.next_batch(1)[1].shape[1] for _ in range(4))
     assert sides == [8, 8, 12, 12]
     with pytest.raises(ValueError, match="data.preprocess"):
         for _ in range(4):

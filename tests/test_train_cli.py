@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -255,6 +256,7 @@ def test_nonfinite_loss_stops_naming_the_step(ray_head, scenes, tmp_path):
     )
     assert res.returncode != 0
     assert "non-finite loss at step 3" in res.stderr
+    assert re.search(r"on images A \d{6}\.png and B \d{6}\.png", res.stderr), res.stderr[-2000:]
     state = final_checkpoint(tmp_path, "nan")  # the step-2 checkpoint is kept
     assert state["step"] == 2
     assert all(

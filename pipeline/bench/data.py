@@ -106,7 +106,7 @@ def _ray_batches(root: str, cfg, batch_size: int):
     stream = DomainStream(ds, "A", manifest.count("trainA"), cfg, 0, 0, cfg.shuffle_buffer)
     try:
         while True:
-            yield len(to_input(stream.next_batch(batch_size)))
+            yield len(to_input(stream.next_batch(batch_size)[1]))
     finally:
         stream.close()
 
