@@ -7,17 +7,36 @@ when built and raises ``ValueError`` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 NORMS = ("instance", "batch", "none")
 INITS = ("normal", "xavier", "kaiming", "orthogonal")
 GAN_MODES = ("lsgan", "vanilla", "hinge")
 PREPROCESS = ("resize_and_crop", "crop", "scale_width_and_crop", "none")
+MAX_SIZE = 8192  # px: load_size and crop_size
+MAX_CHANNELS = 64
+MAX_FILTERS = 1024
+MAX_BLOCKS = 64
+MAX_LAYERS_D = 8
 
 
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{field}: {message}")
+
+
+def _check_range(value, low, high, field: str) -> None:
+    _check(low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
+
+
+def _check_finite(section, prefix: str) -> None:
+    """Every float field of ``section`` is a finite number: NaN compares false with everything
+    and inf passes every lower bound, so bounds alone do not catch them."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}.{f.name}: must be a finite number, got {value}")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
@@ -29,28 +48,32 @@ class ModelConfig:
     """Architecture of the two generators and two discriminators."""
 
     input_nc: int = 3
-    """Channels of domain A images."""
+    """Channels of domain A images (1 to 64)."""
     output_nc: int = 3
-    """Channels of domain B images."""
+    """Channels of domain B images (1 to 64)."""
     ngf: int = 64
-    """Filters in the generator's first conv layer."""
+    """Filters in the generator's first conv layer (1 to 1024)."""
     ndf: int = 64
-    """Filters in the discriminator's first conv layer."""
+    """Filters in the discriminator's first conv layer (1 to 1024)."""
     n_blocks: int = 9
-    """Residual blocks in the generator (9 at 256 px, 6 at 128 px in the paper)."""
+    """Residual blocks in the generator (0 to 64; 9 at 256 px, 6 at 128 px in the paper)."""
     n_layers_D: int = 3
-    """Strided conv layers in the PatchGAN discriminator (3 gives 70x70 patches)."""
+    """Strided conv layers in the PatchGAN discriminator (1 to 8; 3 gives 70x70 patches)."""
     norm: str = "instance"
     """Normalisation layer: instance, batch or none."""
     init_type: str = "normal"
     """Weight init: normal, xavier, kaiming or orthogonal."""
     init_gain: float = 0.02
-    """Standard deviation (or gain) of the weight init."""
+    """Standard deviation (or gain) of the weight init (finite, > 0)."""
 
     def __post_init__(self) -> None:
-        for name in ("input_nc", "output_nc", "ngf", "ndf", "n_layers_D"):
-            _check(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
-        _check(self.n_blocks >= 0, "model.n_blocks", "must be >= 0")
+        _check_finite(self, "model")
+        for name in ("input_nc", "output_nc"):
+            _check_range(getattr(self, name), 1, MAX_CHANNELS, f"model.{name}")
+        for name in ("ngf", "ndf"):
+            _check_range(getattr(self, name), 1, MAX_FILTERS, f"model.{name}")
+        _check_range(self.n_blocks, 0, MAX_BLOCKS, "model.n_blocks")
+        _check_range(self.n_layers_D, 1, MAX_LAYERS_D, "model.n_layers_D")
         _check_choice(self.norm, NORMS, "model.norm")
         _check_choice(self.init_type, INITS, "model.init_type")
         _check(self.init_gain > 0, "model.init_gain", "must be > 0")
@@ -78,6 +101,7 @@ class LossConfig:
     """Fake images kept per discriminator in the history pool (0 disables the pool)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "loss")
         _check_choice(self.gan_mode, GAN_MODES, "loss.gan_mode")
         for name in ("lambda_A", "lambda_B", "lambda_identity", "lambda_gan"):
             _check(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
@@ -100,6 +124,7 @@ class OptimConfig:
     """Epochs of linear decay to zero after n_epochs."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "optim")
         _check(self.lr > 0, "optim.lr", "must be > 0")
         _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
@@ -119,16 +144,17 @@ class AugmentConfig:
     preprocess: str = "resize_and_crop"
     """resize_and_crop, crop, scale_width_and_crop or none."""
     load_size: int = 286
-    """Size images are resized to (the width for scale_width_and_crop) before cropping."""
+    """Size images are resized to (the width for scale_width_and_crop) before cropping (4 to
+    8192 px)."""
     crop_size: int = 256
-    """Size of the random square crop fed to the networks."""
+    """Size of the random square crop fed to the networks (4 to 8192 px)."""
     flip: bool = True
     """Random horizontal flips."""
 
     def __post_init__(self) -> None:
         _check_choice(self.preprocess, PREPROCESS, "data.preprocess")
-        _check(self.crop_size >= 4, "data.crop_size", "must be >= 4")
-        _check(self.load_size >= 4, "data.load_size", "must be >= 4")
+        _check_range(self.crop_size, 4, MAX_SIZE, "data.crop_size")
+        _check_range(self.load_size, 4, MAX_SIZE, "data.load_size")
         if self.preprocess in ("resize_and_crop", "scale_width_and_crop"):
             _check(
                 self.crop_size <= self.load_size,

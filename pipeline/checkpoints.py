@@ -55,11 +55,15 @@ def load(
     where: str,
     *,
     verify: bool = True,
+    require_digest: bool = False,
     mmap: bool = False,
     map_location: str | torch.device = "cpu",
 ) -> dict:
     """A ``torch.save`` file loaded with ``weights_only=True``, checked against its ``.sha256``
-    file when ``verify`` and one exists. Local files may be memory-mapped (only the pickle is
+    file when ``verify`` and one exists. With ``require_digest`` a missing ``.sha256`` file is
+    an error: the pipeline writes one beside every checkpoint, so inside a run a file without
+    one is still being uploaded or was copied in part. A file the user names directly (an
+    official ``.pth``) need not have one. Local files may be memory-mapped (only the pickle is
     read until a tensor is touched: cheap when only the step is needed)."""
     if isinstance(fs, pafs.LocalFileSystem):
         if not os.path.isfile(path):
@@ -67,6 +71,8 @@ def load(
         sidecar = path + ".sha256"
         if verify and os.path.isfile(sidecar):
             _check_digest(Path(sidecar).read_text().strip(), file_sha256(path), where, sidecar)
+        elif verify and require_digest:
+            raise _no_digest(where, sidecar)
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as exc:
@@ -78,10 +84,19 @@ def load(
     if verify and file_type(fs, sidecar, where) == pafs.FileType.File:
         expected = _read(fs, sidecar, where).decode().strip()
         _check_digest(expected, hashlib.sha256(data).hexdigest(), where, sidecar)
+    elif verify and require_digest:
+        raise _no_digest(where, sidecar)
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{where}: cannot be loaded: {exc}") from None
+
+
+def _no_digest(where: str, sidecar: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: its checksum file {posixpath.basename(sidecar)} is missing (every checkpoint "
+        "a run saves has one; this one is still being copied, or was copied without it)"
+    )
 
 
 def _check_digest(expected: str, actual: str, where: str, sidecar: str) -> None:
@@ -112,6 +127,10 @@ def checkpoint_folders(fs: pafs.FileSystem, run_dir: str, where: str) -> list[st
 
 
 def _step(fs: pafs.FileSystem, folder: str, where: str) -> int:
+    if not isinstance(fs, pafs.LocalFileSystem):
+        # Reading the step of a remote checkpoint means downloading it whole: order those by
+        # folder name alone (Ray names them by the time they were written).
+        return 0
     try:
         state = load(fs, posixpath.join(folder, CHECKPOINT_FILE), where, verify=False, mmap=True)
     except CheckpointError:
@@ -132,23 +151,27 @@ def newest_loadable(
 
     Newest is the highest step; at equal steps the later folder (Ray names them by time). The
     folder ``first`` (the one Ray hands a restarted worker) is tried before the others. A
-    checkpoint that fails is passed to ``on_skip`` and the next older one is tried."""
+    checkpoint that fails, or has no ``.sha256`` file, is passed to ``on_skip`` and the next
+    older one is tried."""
     folders = checkpoint_folders(fs, run_dir, where)
     ordered = sorted(folders, key=lambda f: (_step(fs, f, where), f), reverse=True)
     if first is not None:
         first = first.rstrip("/")
         ordered = [first] + [f for f in ordered if f.rstrip("/") != first]
+    failures: list[CheckpointError] = []
     for folder in ordered:
         path = posixpath.join(folder, CHECKPOINT_FILE)
         label = storage.join(where, posixpath.basename(folder.rstrip("/")), CHECKPOINT_FILE)
         try:
-            return path, load(fs, path, label, map_location=map_location)
+            return path, load(fs, path, label, require_digest=True, map_location=map_location)
         except CheckpointError as exc:
+            failures.append(exc)
             if on_skip is not None:
                 on_skip(label, exc)
+    why = f" (newest: {failures[0]}; {len(failures)} tried)" if failures else ""
     raise CheckpointError(
         f"{where}: no {CHECKPOINT_FILE} here and no {CHECKPOINT_PREFIX}* folder holding one "
-        "that loads"
+        f"that loads and verifies{why}"
     )
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +19,23 @@ from pathlib import Path
 
 import yaml
 
-from cyclegan.config import AugmentConfig, LossConfig, ModelConfig, OptimConfig, _check
+from cyclegan.config import (
+    AugmentConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    _check,
+    _check_finite,
+    _check_range,
+)
+
+MAX_WORKERS = 4096
+MAX_BATCH = 4096
+MAX_CPUS_PER_WORKER = 1024
+MAX_PLACEMENT_TIMEOUT_S = 7 * 24 * 3600.0
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+"""A run name: letters, digits, ``-_.``, no leading dot, at most 128 characters (a folder name
+on every store, never a path)."""
 
 
 def home() -> str:
@@ -47,7 +65,7 @@ class DataConfig(AugmentConfig):
     uri: str = ""
     """Dataset root written by pipeline.prepare / pipeline.synth (empty: the built-in scenes)."""
     batch_size: int = 1
-    """Images per domain per worker per step (the paper uses 1)."""
+    """Images per domain per worker per step (1 to 4096; the paper uses 1)."""
     shuffle_buffer: int = 64
     """Rows of the local shuffle buffer on each worker (0 disables it)."""
     num_samples: int = 4
@@ -58,13 +76,21 @@ class DataConfig(AugmentConfig):
     """Keep the encoded training images in Ray's object store when trainA and trainB together
     hold at most this many MiB: passes after the first skip listing and reading the shards
     (0: always stream from storage)."""
+    read_timeout_s: float = 600.0
+    """A training worker that receives no image of a domain for this long stops the run with an
+    error naming the domain, instead of waiting forever (0: wait forever)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check_range(self.batch_size, 1, MAX_BATCH, "data.batch_size")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.num_samples >= 1, "data.num_samples", "must be >= 1")
         _check(self.cache_mb >= 0, "data.cache_mb", "must be >= 0")
+        _check(
+            math.isfinite(self.read_timeout_s) and self.read_timeout_s >= 0,
+            "data.read_timeout_s",
+            "must be a number >= 0",
+        )
 
 
 @dataclass
@@ -118,21 +144,31 @@ class ScalingConfig:
     """How many Ray Train workers and what each one gets."""
 
     num_workers: int = 1
-    """Training workers (DDP ranks); each gets one GPU when use_gpu."""
+    """Training workers (DDP ranks, 1 to 4096); each gets one GPU when use_gpu."""
     use_gpu: bool | None = None
     """Train on GPUs (None: when the cluster has them)."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per training worker; the rest of the cluster decodes data."""
+    """CPUs reserved per training worker (> 0, at most 1024); the rest of the cluster decodes
+    data."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
     address: str = ""
     """Ray cluster address (empty: $RAY_ADDRESS, else a local Ray started in-process)."""
     placement_timeout_s: float = 300.0
-    """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need."""
+    """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need
+    (0 to 604800 s, a week)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+        _check_finite(self, "scaling")
+        _check_range(self.num_workers, 1, MAX_WORKERS, "scaling.num_workers")
+        _check(
+            0 < self.cpus_per_worker <= MAX_CPUS_PER_WORKER,
+            "scaling.cpus_per_worker",
+            f"must be > 0 and <= {MAX_CPUS_PER_WORKER}, got {self.cpus_per_worker}",
+        )
+        _check_range(
+            self.placement_timeout_s, 0, MAX_PLACEMENT_TIMEOUT_S, "scaling.placement_timeout_s"
+        )
         _check(self.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1: unlimited)")
 
 
@@ -143,9 +179,18 @@ class StorageConfig:
     uri: str = ""
     """Local folder or s3:// / gs:// URI (empty: $CYCLEGAN_HOME/checkpoints)."""
     name: str = ""
-    """Run name (empty: a new unique name)."""
+    """Run name: letters, digits and ``-_.``, no leading dot, at most 128 characters (empty: a
+    new unique name)."""
     resume: bool = False
     """Continue the run called `name` from its latest checkpoint."""
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.name or RUN_NAME.fullmatch(self.name) is not None,
+            "storage.name",
+            f"{self.name!r} is not a run name (letters, digits and -_. only, no leading dot, "
+            "at most 128 characters)",
+        )
 
 
 @dataclass
@@ -287,9 +332,12 @@ def _coerce(value, tp, where: str):
             raise ValueError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         return str(value)
     raise TypeError(f"{where}: unsupported field type {tp}")

@@ -120,6 +120,9 @@ def _data_context():
         context.op_resource_reservation_enabled = saved
 
 
+DECODE_CPUS = 0.5
+"""CPUs each decode task asks for: training workers must leave at least this much free."""
+
 CACHE_BLOCK_ROWS = 256
 """Rows per cached block: small enough that a pass decodes on several CPUs at once."""
 
@@ -155,7 +158,7 @@ def domain_dataset(
             fn_kwargs={"cfg": cfg},
             batch_format="numpy",
             batch_size=16,
-            num_cpus=0.5,
+            num_cpus=DECODE_CPUS,
         )
 
 
@@ -211,8 +214,10 @@ class DomainStream:
         rank: int,
         shuffle_buffer: int,
         start_row: int = 0,
+        read_timeout_s: float = 0.0,
     ):
         self.shard, self.domain, self.n, self.cfg = shard, domain, rows_per_pass, cfg
+        self.read_timeout_s = read_timeout_s
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
         self.pass_index, self.offset = divmod(start_row, rows_per_pass)
         self._pending: list[tuple[list[str], torch.Tensor]] = []
@@ -229,13 +234,31 @@ class DomainStream:
         try:
             while not self._stop.is_set():
                 chunks = self._pass_chunks(pass_index, skip)
+                rows = 0
                 with contextlib.closing(chunks):  # stops Ray Data's iteration when told to
                     for chunk in chunks:
+                        rows += len(chunk[0])
                         if not self._put(chunk):
                             return
+                if rows == 0 and skip == 0:
+                    # Passes with nothing in them would follow each other forever.
+                    raise ValueError(
+                        f"data: a whole pass of domain {self.domain} gave rank {self.rank} no "
+                        "readable image (every row failed to decode, or the rank got no rows)"
+                    )
                 pass_index, skip = pass_index + 1, 0
         except BaseException as exc:  # handed to the trainer, raised there
             self._put(_ReadFailure(exc))
+
+    def _get(self):
+        try:
+            return self._queue.get(timeout=self.read_timeout_s or None)
+        except queue.Empty:
+            raise TimeoutError(
+                f"data: no image of domain {self.domain} reached rank {self.rank} for "
+                f"{self.read_timeout_s:g} s (data.read_timeout_s); the Ray Data tasks that "
+                "decode it may be unable to start (see `ray status`) or the storage may hang"
+            ) from None
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -321,7 +344,7 @@ class DomainStream:
         need = batch_size
         while need:
             if not self._pending:
-                item = self._queue.get()
+                item = self._get()
                 if isinstance(item, _ReadFailure):
                     self._put(item)  # every later call fails the same way
                     raise item.exc
@@ -385,7 +408,7 @@ class UnpairedBatches:
         self,
         shards: dict,
         counts: dict[str, int],
-        cfg,
+        cfg,  # a pipeline.config.DataConfig
         world_size: int,
         rank: int,
         seed: int,
@@ -403,6 +426,7 @@ class UnpairedBatches:
                 rank,
                 cfg.shuffle_buffer,
                 start_row,
+                cfg.read_timeout_s,
             )
             for d in DOMAINS
         }

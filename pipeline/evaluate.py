@@ -96,7 +96,9 @@ def _run(args: argparse.Namespace) -> tuple[dict, dict, str]:
 
     arch = arch_from_flags(args)
     directions = [args.direction] if args.direction else ["AtoB", "BtoA"]
-    nets, _, info = load_generators(args.model, directions, storage=args.storage, arch=arch)
+    nets, _, info = load_generators(
+        args.model, directions, storage=args.storage, arch=arch, trust_pickle=args.trust_pickle
+    )
     if args.size is not None and args.size < 0:
         raise ValueError(f"--size: must be >= 0, got {args.size}")
     size = (args.size or None) if args.size is not None else info.get("crop_size")

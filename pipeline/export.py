@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_formats(formats)
         arch = arch_from_flags(args)
-        net, cfg, info = load_generator(args.model, args.direction, storage=args.storage, arch=arch)
+        net, cfg, info = load_generator(
+            args.model,
+            args.direction,
+            storage=args.storage,
+            arch=arch,
+            trust_pickle=args.trust_pickle,
+        )
         print(f"[export] {args.direction} generator of {args.model} ({info['kind']}): {cfg}")
         result = export(
             net,

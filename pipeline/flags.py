@@ -124,6 +124,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage", help="where run NAMEs live (default $CYCLEGAN_HOME/checkpoints)"
     )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load an MLflow model saved with pickle (runs any code it holds: trusted ones only)",
+    )
     arch = parser.add_argument_group("architecture of an official .pth (default: from its weights)")
     arch.add_argument("--ngf", type=int, help="filters of the first conv (paper: 64)")
     arch.add_argument("--n-blocks", type=int, help="residual blocks (paper: 9 at 256 px)")
@@ -147,11 +152,21 @@ def arch_from_flags(args: argparse.Namespace):
 def run_command(body: Callable[[], int | None], what: str) -> int:
     """Run a command's body with the one error path: a user error prints ``error: ...`` and
     exits 2; anything else prints the traceback and ``error: WHAT failed: ...`` and exits 1.
-    Both are redacted (no credential reaches the terminal or a log)."""
+    Both are redacted (no credential reaches the terminal or a log). Ctrl-C (and SIGTERM, made
+    into the same) exits 130 after the body's own clean-up ran."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     from pipeline.storage import redact
 
     try:
         return body() or 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except user_errors() as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

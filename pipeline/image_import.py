@@ -5,6 +5,7 @@ source folders, validate and (re)encode every image, write the shards and the ma
 from __future__ import annotations
 
 import posixpath
+import sys
 import time
 from dataclasses import dataclass
 
@@ -19,11 +20,12 @@ from pipeline.shards import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
     build_manifest,
-    clear_root,
     delete_files,
+    remove_unlisted_shards,
+    start_dataset,
     write_manifest,
 )
-from pipeline.storage import IMAGE_EXTENSIONS, list_images
+from pipeline.storage import IMAGE_EXTENSIONS, ImageListing, list_images
 
 REENCODE_CHOICES = ("none", "jpeg", "png", "webp")
 QUALITY = 95
@@ -116,33 +118,45 @@ def _stored_bytes(
     return encode_image(img, fmt, QUALITY), img.width, img.height, fmt
 
 
-def _list_all(datasets: list[SourceDataset]) -> dict[str, list[str]]:
-    """Image keys of every dataset, listed before anything is written so an empty one fails early."""
-    keys = {}
+def _list_all(datasets: list[SourceDataset], strict: bool) -> dict[str, ImageListing]:
+    """The images of every dataset, listed before anything is written so an empty one (or,
+    with ``strict``, one with a symlink left out) fails early."""
+    listings = {}
     for dataset in datasets:
-        keys[dataset.name], others = list_images(dataset.folder)
-        if not keys[dataset.name]:
+        listing = listings[dataset.name] = list_images(dataset.folder)
+        if strict and listing.skipped:
+            key, reason = listing.skipped[0]
+            raise PrepareError(
+                f"{dataset.name}/{key}: {reason} (--strict stops at the first bad file; source "
+                f"{storage.redact(dataset.folder)})"
+            )
+        if not listing.keys:
             raise PrepareError(
                 f"{dataset.name}: no images in {storage.redact(dataset.folder)} "
-                f"(looked for {' '.join(IMAGE_EXTENSIONS)}; found {others} other files)"
+                f"(looked for {' '.join(IMAGE_EXTENSIONS)}; found {listing.others} other files"
+                f"{f', {len(listing.skipped)} symlinks left out' if listing.skipped else ''})"
             )
-    return keys
+    return listings
 
 
 def _write_dataset(
     dataset: SourceDataset,
-    keys: list[str],
+    listing: ImageListing,
     dest: str,
     *,
     strict: bool,
     reencode: str,
     max_side: int | None,
     shard_bytes: int,
+    generation: str,
     written: list[str],
 ) -> dict:
     filesystem, base = storage.resolve(dataset.folder)
+    keys = listing.keys
     progress = Progress(dataset.name, len(keys))
-    with ShardWriter(dest, dataset.name, shard_bytes=shard_bytes) as writer:
+    with ShardWriter(dest, dataset.name, shard_bytes, generation) as writer:
+        for key, reason in listing.skipped:
+            writer.skip(key, reason)
         for done, key in enumerate(keys, 1):
             path = posixpath.join(base, key)
             try:
@@ -191,7 +205,8 @@ def prepare(
     The summary: ``{"dest", "manifest", "datasets": {name: {"count", "bytes", "skipped",
     "shards"}}, "skipped": [{"dataset", "key", "reason"}], "images", "bytes", "seconds"}``.
     Raises :class:`PrepareError`, :class:`pipeline.storage.StorageError` or
-    :class:`pipeline.shards.DatasetError`; no manifest is written then.
+    :class:`pipeline.shards.DatasetError`; no manifest is written then. With ``overwrite`` the
+    old dataset stays whole and readable until the new one is: see ``pipeline.shards``.
     """
     # Long on purpose: the checks that must all pass before anything is written, then the write, in order.
     if reencode not in REENCODE_CHOICES:
@@ -202,8 +217,8 @@ def prepare(
         raise PrepareError(f"--shard-size-mb must be positive, got {shard_bytes / MIB}")
     start = time.monotonic()
     datasets = find_sources(src, a, b, splits)
-    keys = _list_all(datasets)
-    clear_root(dest, overwrite)
+    listings = _list_all(datasets, strict)
+    generation = start_dataset(dest, overwrite)
     entries: dict[str, dict] = {}
     written: list[str] = []
     dest_fs, _ = storage.resolve(dest)
@@ -211,20 +226,25 @@ def prepare(
         for dataset in datasets:
             entries[dataset.name] = _write_dataset(
                 dataset,
-                keys[dataset.name],
+                listings[dataset.name],
                 dest,
                 strict=strict,
                 reencode=reencode,
                 max_side=max_side,
                 shard_bytes=shard_bytes,
+                generation=generation,
                 written=written,
             )
         source = src if src is not None else f"--a {a} --b {b}"
-        manifest_uri = write_manifest(dest, build_manifest(storage.redact(source), entries))
+        manifest = build_manifest(storage.redact(source), entries)
+        # The switch: until this replaces it, the old manifest (and its shards) is the dataset.
+        manifest_uri = write_manifest(dest, manifest)
     except BaseException:
         # Without a manifest the shards are unreachable; remove them rather than leave debris.
         delete_files(dest_fs, written)
         raise
+    for uri in remove_unlisted_shards(dest, manifest):
+        print(f"warning: old shards left in place: {storage.redact(uri)}", file=sys.stderr)
     skipped = [
         {"dataset": name, **item} for name, entry in entries.items() for item in entry["skipped"]
     ]

@@ -6,7 +6,10 @@ A model source is one of:
   a ``checkpoint_*`` folder, or a ``checkpoint.pt`` file; local or ``s3://``/``gs://``;
 - a run NAME, looked up under ``storage`` (default ``$CYCLEGAN_HOME/checkpoints``);
 - an MLflow model URI: ``runs:/RUN_ID/generator_AtoB``, ``runs:/RUN_ID`` (the generator of the
-  asked direction), ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``models:/m-...``;
+  asked direction), ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``models:/m-...``: read
+  from the weights and architecture files training logs with the model (see
+  :func:`write_generator_files`); any other MLflow model would have to be unpickled, and is
+  refused unless ``trust_pickle``;
 - a generator file of the official repo (``latest_net_G_A.pth``, ``horse2zebra.pth``): its
   architecture is read from the weights unless ``arch`` gives it.
 
@@ -17,6 +20,7 @@ Training checkpoints hold both generators: G_A maps A to B (``AtoB``), G_B maps 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import posixpath
 import re
@@ -38,6 +42,11 @@ DIRECTIONS = ("AtoB", "BtoA")
 NET_OF_DIRECTION = {"AtoB": "G_A", "BtoA": "G_B"}
 MLFLOW_MODEL_NAME = {"AtoB": "generator_AtoB", "BtoA": "generator_BtoA"}
 _MLFLOW_NAME = re.compile(r"generator_(AtoB|BtoA)$")
+# The files training logs in an MLflow model's extra_files/: the generator's state dict (read
+# with weights_only=True) and its architecture as JSON, so that loading never unpickles.
+WEIGHTS_FILE = "generator.pt"
+ARCH_FILE = "generator.json"
+ARCH_FORMAT = 1
 
 
 class ModelSourceError(ValueError):
@@ -240,6 +249,65 @@ def _load_stored(
 # MLflow
 
 
+def write_generator_files(net: nn.Module, cfg: ModelConfig, folder: str) -> list[str]:
+    """Write the weights and architecture files of ``net`` into ``folder``; returns their
+    paths (``log_generators`` passes them to MLflow as the model's ``extra_files``)."""
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights)
+    arch = os.path.join(folder, ARCH_FILE)
+    with open(arch, "w") as f:
+        json.dump({"format": ARCH_FORMAT, "model": dataclasses.asdict(cfg)}, f, indent=2)
+    return [weights, arch]
+
+
+def _read_generator_files(folder: str, uri: str) -> tuple[ResnetGenerator, ModelConfig]:
+    where = f"{uri} ({WEIGHTS_FILE})"
+    try:
+        with open(os.path.join(folder, ARCH_FILE)) as f:
+            tree = json.load(f)
+        if tree.get("format") != ARCH_FORMAT:
+            raise ValueError(f"format {tree.get('format')!r}, expected {ARCH_FORMAT}")
+        cfg = _model_config(tree["model"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelSourceError(f"model source {uri}: unusable {ARCH_FILE}: {exc}") from None
+    try:
+        state = torch.load(
+            os.path.join(folder, WEIGHTS_FILE), map_location="cpu", weights_only=True
+        )
+    except Exception as exc:
+        raise ModelSourceError(f"{where}: cannot be loaded as plain weights: {exc}") from None
+    if not _is_official_state(state):
+        raise ModelSourceError(f"{where}: not a generator state dict")
+    return build_from_state(state, cfg, where), cfg
+
+
+def _from_mlflow_model(folder: str, uri: str, trust_pickle: bool) -> tuple[nn.Module, ModelConfig]:
+    """The generator of a downloaded MLflow model folder. Anything but our own files is refused
+    unless ``trust_pickle``: MLflow would unpickle a pickled model, and torch.export.load the
+    records of a pt2 archive."""
+    import mlflow
+
+    extra = os.path.join(folder, "extra_files")
+    if all(os.path.isfile(os.path.join(extra, n)) for n in (WEIGHTS_FILE, ARCH_FILE)):
+        return _read_generator_files(extra, uri)
+    if not trust_pickle:
+        pickled = any("model.pth" in files for _, _, files in os.walk(folder))
+        what = (
+            "a PyTorch model saved with pickle"
+            if pickled
+            else f"not a generator logged by this pipeline (no extra_files/{WEIGHTS_FILE})"
+        )
+        raise ModelSourceError(
+            f"model source {uri}: {what}; loading it would unpickle it, which can run any "
+            "code. Pass --trust-pickle (trust_pickle=True) only for a model whose origin you "
+            "trust"
+        )
+    net = mlflow.pytorch.load_model(folder, map_location="cpu")
+    if not isinstance(net, nn.Module):
+        raise ModelSourceError(f"model source {uri}: not a torch module ({type(net)})")
+    return net.eval(), arch_of(net)
+
+
 def _mlflow_locate(uri: str, client) -> tuple[str | None, str | None]:
     """(source run id, logged model name) of an MLflow model URI, where they can be found."""
     rest = uri.split(":/", 1)[1].strip("/")
@@ -267,9 +335,10 @@ def _mlflow_locate(uri: str, client) -> tuple[str | None, str | None]:
 
 
 def _load_mlflow(
-    source: str, directions: list[str], tracking_uri: str | None, strict: bool
+    source: str, directions: list[str], tracking_uri: str | None, strict: bool, trust_pickle: bool
 ) -> tuple[dict, dict, dict]:
-    """Generators of an MLflow source; with ``strict`` every asked direction must load."""
+    """Generators of an MLflow source; with ``strict`` every asked direction must load. A model
+    that would be unpickled is refused (whichever direction) unless ``trust_pickle``."""
     # Long on purpose: the URI forms MLflow accepts each need their own lookup, kept together.
     import mlflow
     from mlflow import MlflowClient
@@ -304,20 +373,25 @@ def _load_mlflow(
     uris = {d: uris[d] for d in directions if d in uris}
     nets, cfgs = {}, {}
     for d, model_uri in uris.items():
-        try:
-            # Downloaded into a folder of our own, removed once loaded (MLflow's default leaves a
-            # copy of the model in the system's temp folder on every load).
-            with tempfile.TemporaryDirectory(prefix="cyclegan-model-") as tmp:
-                net = mlflow.pytorch.load_model(model_uri, dst_path=tmp, map_location="cpu")
-        except Exception as exc:
-            if strict or d == directions[0]:
+        # Downloaded into a folder of our own, removed once loaded (MLflow's default leaves a
+        # copy of the model in the system's temp folder on every load).
+        with tempfile.TemporaryDirectory(prefix="cyclegan-model-") as tmp:
+            try:
+                folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+            except Exception as exc:
+                if strict or d == directions[0]:
+                    raise ModelSourceError(
+                        f"model source {model_uri}: cannot load from {uri}: {exc}"
+                    ) from None
+                continue  # the reverse generator is optional
+            try:
+                nets[d], cfgs[d] = _from_mlflow_model(folder, model_uri, trust_pickle)
+            except ModelSourceError:
+                raise
+            except Exception as exc:
                 raise ModelSourceError(
                     f"model source {model_uri}: cannot load from {uri}: {exc}"
                 ) from None
-            continue  # the reverse generator is optional
-        if not isinstance(net, nn.Module):
-            raise ModelSourceError(f"model source {model_uri}: not a torch module ({type(net)})")
-        nets[d], cfgs[d] = net.eval(), arch_of(net)
     config: dict = {}
     if run_id:
         try:
@@ -345,6 +419,7 @@ def load_generators(
     storage: str | None = None,
     arch: ModelConfig | None = None,
     tracking_uri: str | None = None,
+    trust_pickle: bool = False,
 ) -> tuple[dict[str, nn.Module], dict[str, ModelConfig], dict]:
     """The generators of ``directions`` that ``source`` holds, in eval mode on the CPU.
 
@@ -352,14 +427,17 @@ def load_generators(
     (checkpoints and MLflow runs hold both, an official file holds one, taken to translate in
     the first direction). Returns ``({direction: net}, {direction: ModelConfig}, info)``; info has
     ``source``, ``kind`` (checkpoint, mlflow, official), ``path``, ``step``, ``mlflow_run_id``,
-    ``config`` (the training config, ``{}`` when unknown) and ``crop_size``.
+    ``config`` (the training config, ``{}`` when unknown) and ``crop_size``. Nothing is
+    unpickled: an MLflow model that would be is refused unless ``trust_pickle``.
     """
     directions = [check_direction(d) for d in directions]
     if not directions:
         raise ValueError("directions: name at least one of AtoB, BtoA")
     source = str(source)
     if is_mlflow_uri(source):
-        nets, cfgs, info = _load_mlflow(source, directions, tracking_uri, strict=False)
+        nets, cfgs, info = _load_mlflow(
+            source, directions, tracking_uri, strict=False, trust_pickle=trust_pickle
+        )
     else:
         nets, cfgs, info = _load_stored(source, directions, storage, arch)
     return nets, cfgs, {"source": source, **info}
@@ -372,18 +450,22 @@ def load_generator(
     storage: str | None = None,
     arch: ModelConfig | None = None,
     tracking_uri: str | None = None,
+    trust_pickle: bool = False,
 ) -> tuple[nn.Module, ModelConfig, dict]:
     """One generator of ``source`` (see the module docstring), in eval mode on the CPU.
 
     ``direction`` picks G_A (AtoB) or G_B (BtoA) of a checkpoint or MLflow run; an MLflow URI
     that names one generator must name that direction. ``arch`` gives the architecture of an
     official ``.pth`` file (default: read from its weights). The ModelConfig describes the
-    returned generator (its input_nc is the channels it takes). info: see :func:`load_generators`.
+    returned generator (its input_nc is the channels it takes). ``trust_pickle``: see
+    :func:`load_generators`. info: see :func:`load_generators`.
     """
     check_direction(direction)
     source = str(source)
     if is_mlflow_uri(source):
-        nets, cfgs, info = _load_mlflow(source, [direction], tracking_uri, strict=True)
+        nets, cfgs, info = _load_mlflow(
+            source, [direction], tracking_uri, strict=True, trust_pickle=trust_pickle
+        )
         info = {"source": source, **info}
     else:
         nets, cfgs, info = load_generators(source, [direction], storage=storage, arch=arch)

@@ -114,6 +114,14 @@ def resolve(cfg: Config) -> RunPlan:
             storage.check_access(uri, write)
     manifest = read_manifest(cfg.data.uri)
     counts = check_dataset(manifest, cfg.data)
+    workers = cfg.scaling.num_workers
+    for domain, count in counts.items():
+        if count < workers:
+            raise ValueError(
+                f"dataset {storage.redact(cfg.data.uri)}: train{domain} has {count} image(s), "
+                f"fewer than the {workers} training workers (scaling.num_workers); every worker "
+                "needs at least one image of each domain"
+            )
     cores = os.cpu_count() or 1
     # A local Ray is ours alone: split the cores among the workers. On a cluster each worker
     # gets the CPUs it reserved.

@@ -69,6 +69,24 @@ def _placement_problems(cfg: Config, use_gpu: bool) -> list[str]:
     return problems
 
 
+def _check_data_cpus(cfg: Config) -> None:
+    """Refuse workers that would leave Ray Data's decode tasks no CPU: they could never be
+    scheduled, and the run would wait forever without a word."""
+    import ray
+
+    from pipeline.data import DECODE_CPUS
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    n, per = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    if cpus - n * per < DECODE_CPUS:
+        fit = max(0.1, (cpus - DECODE_CPUS) / n)
+        raise ValueError(
+            f"scaling.cpus_per_worker: {n} workers x {per:g} CPUs leave {cpus - n * per:g} of "
+            f"the cluster's {cpus:g} CPUs for decoding images, which needs {DECODE_CPUS:g}: set "
+            f"scaling.cpus_per_worker={fit:.2g} or fewer workers, or add CPUs"
+        )
+
+
 def check_resources(cfg: Config, local: bool) -> bool:
     """Whether to use GPUs. Raises a clear error when the workers cannot all be placed: at once
     on a local Ray, after ``scaling.placement_timeout_s`` on a cluster (autoscalers add nodes)."""
@@ -97,4 +115,5 @@ def check_resources(cfg: Config, local: bool) -> bool:
             )
             warned = True
         time.sleep(min(5.0, cfg.scaling.placement_timeout_s))
+    _check_data_cpus(cfg)
     return use_gpu

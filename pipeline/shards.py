@@ -21,14 +21,23 @@ Parquet columns: ``key`` (string, the image's relative POSIX path inside its dom
 
 ``bytes`` is the total size of the encoded images. Only datasets that exist appear. A root
 without a manifest is not a dataset, so an interrupted write never looks complete.
+
+Replacing a dataset (``--overwrite``) never deletes the old one first: :func:`start_dataset`
+picks a generation id, the new shards are written beside the old ones under names that carry it
+(``trainA/part-1f2e3d4c-00000.parquet``), :func:`write_manifest` switches to them by replacing
+the manifest atomically, and only then :func:`remove_unlisted_shards` deletes the old shards.
+Until the switch readers see the old dataset, whole; a write that fails half-way deletes its own
+shards and leaves the old dataset be. No rename is needed, which object stores do not have.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -44,7 +53,8 @@ DATASET_NAMES = ("trainA", "trainB", "testA", "testB")
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
 # Row groups are the unit a streaming reader fetches; a few MiB keeps reader memory flat.
 ROW_GROUP_BYTES = 8 * 1024 * 1024
-SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
+GENERATION_PATTERN = re.compile(r"^[0-9a-f]{8}$")
+SHARD_PATTERN = re.compile(r"^part-(?:[0-9a-f]{8}-)?(\d{5,})\.parquet$")
 
 SCHEMA = pa.schema(
     [
@@ -61,9 +71,10 @@ class DatasetError(RuntimeError):
     """A dataset root that cannot be read or written as asked; the message names the root."""
 
 
-def shard_name(index: int) -> str:
-    """The file name of shard ``index``: ``part-00000.parquet``, ``part-00001.parquet``, ..."""
-    return f"part-{index:05d}.parquet"
+def shard_name(index: int, generation: str = "") -> str:
+    """The file name of shard ``index``: ``part-00000.parquet``, ``part-00001.parquet``, ...;
+    with a ``generation`` (see :func:`start_dataset`) ``part-<generation>-00000.parquet``."""
+    return f"part-{generation}-{index:05d}.parquet" if generation else f"part-{index:05d}.parquet"
 
 
 def _check_name(name: str) -> None:
@@ -71,7 +82,9 @@ def _check_name(name: str) -> None:
         raise ValueError(f"dataset name {name!r} is not one of {', '.join(DATASET_NAMES)}")
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
+    """Refuse a key that is not a relative POSIX path inside its folder (``../x``, ``/x``,
+    ``a//b``, ``a\\b``): keys are written by ShardWriter and turned into paths by readers."""
     parts = key.split("/")
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"key {key!r} is not a relative POSIX path")
@@ -83,16 +96,26 @@ class ShardWriter:
     Use as a context manager; :meth:`add` appends an image, :meth:`skip` records a rejected
     one, and closing returns the dataset's manifest entry. A new shard starts once the current
     one holds ``shard_bytes`` of image data. Leaving the block with an exception deletes the
-    shards written so far.
+    shards written so far. ``generation`` (from :func:`start_dataset`) goes into the shard
+    names, so they never collide with the shards of a dataset being replaced.
     """
 
-    def __init__(self, root_uri: str, name: str, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    def __init__(
+        self,
+        root_uri: str,
+        name: str,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        generation: str = "",
+    ) -> None:
         _check_name(name)
         if shard_bytes <= 0:
             raise ValueError(f"shard_bytes: must be positive, got {shard_bytes}")
+        if generation and not GENERATION_PATTERN.match(generation):
+            raise ValueError(f"generation: {generation!r} is not 8 hex digits")
         self.root_uri = root_uri
         self.name = name
         self.shard_bytes = shard_bytes
+        self.generation = generation
         self.filesystem, self._base = storage.resolve(root_uri)
         self._row_group_bytes = min(shard_bytes, ROW_GROUP_BYTES)
         self._keys: set[str] = set()
@@ -124,7 +147,7 @@ class ShardWriter:
         """Append one encoded image under ``key`` (unique within the dataset)."""
         if self._entry is not None:
             raise RuntimeError(f"{self._uri()}: add() after close()")
-        _check_key(key)
+        check_key(key)
         if key in self._keys:
             raise ValueError(f"{self._uri()}: duplicate key {key!r}")
         size = len(image_bytes)
@@ -173,7 +196,7 @@ class ShardWriter:
         return storage.join(self.root_uri, self.name)
 
     def _open_shard(self) -> None:
-        rel = f"{self.name}/{shard_name(len(self._shards))}"
+        rel = f"{self.name}/{shard_name(len(self._shards), self.generation)}"
         path = posixpath.join(self._base, rel)
         try:
             if isinstance(self.filesystem, pafs.LocalFileSystem):
@@ -369,32 +392,88 @@ def _check_shards_exist(manifest: Manifest) -> None:
             )
 
 
-def clear_root(root_uri: str, overwrite: bool) -> None:
-    """Make ``root_uri`` ready for a new dataset: check it is writable, refuse an existing
-    dataset unless ``overwrite``, and remove an old manifest (first) and old shards."""
+def _holds_dataset(root_uri: str, overwrite: bool) -> bool:
+    """Check ``root_uri`` is writable and refuse an existing dataset unless ``overwrite``;
+    whether it holds one."""
     storage.check_access(root_uri, write=True)
     filesystem, base = storage.resolve(root_uri)
-    manifest_path = posixpath.join(base, MANIFEST_NAME)
     try:
-        exists = filesystem.get_file_info(manifest_path).type == pafs.FileType.File
-        if exists and not overwrite:
-            raise DatasetError(
-                f"{storage.redact(root_uri)}: already holds a dataset ({MANIFEST_NAME}); "
-                "pass --overwrite to replace it"
-            )
+        exists = (
+            filesystem.get_file_info(posixpath.join(base, MANIFEST_NAME)).type == pafs.FileType.File
+        )
+    except Exception as exc:
+        raise storage.wrap_error(root_uri, exc, "look for an old dataset") from None
+    if exists and not overwrite:
+        raise DatasetError(
+            f"{storage.redact(root_uri)}: already holds a dataset ({MANIFEST_NAME}); "
+            "pass --overwrite to replace it"
+        )
+    return exists
+
+
+def start_dataset(root_uri: str, overwrite: bool) -> str:
+    """Get ``root_uri`` ready for a new dataset without touching the one it may hold: check it
+    is writable, refuse an existing dataset unless ``overwrite``; return the generation id to
+    pass to :class:`ShardWriter` (``""`` when there is no dataset to replace). Finish with
+    :func:`write_manifest`, then :func:`remove_unlisted_shards`."""
+    return uuid.uuid4().hex[:8] if _holds_dataset(root_uri, overwrite) else ""
+
+
+def remove_unlisted_shards(root_uri: str, manifest: dict) -> list[str]:
+    """Delete the shard files in the dataset folders of ``root_uri`` that ``manifest`` (just
+    written) does not list: those of the dataset it replaced, and any left by a killed run.
+    Returns the URIs of those that could not be deleted; the new dataset is in place either
+    way."""
+    filesystem, base = storage.resolve(root_uri)
+    listed = {
+        posixpath.join(base, rel)
+        for entry in manifest["datasets"].values()
+        for rel in entry["shards"]
+    }
+    left: list[str] = []
+    for name in DATASET_NAMES:
+        folder = posixpath.join(base, name)
+        try:
+            stale = [p for p in _shard_files(filesystem, folder) if p not in listed]
+        except Exception:
+            left.append(storage.join(root_uri, name) + "/")
+            continue
+        for path in stale:
+            try:
+                filesystem.delete_file(path)
+            except FileNotFoundError:
+                pass
+            except Exception:
+                left.append(storage.join(root_uri, posixpath.relpath(path, base)))
+        if name not in manifest["datasets"] and isinstance(filesystem, pafs.LocalFileSystem):
+            # An emptied folder of a dataset the new one lacks would look like a leftover.
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+    return left
+
+
+def _shard_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    listing = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return [
+        info.path
+        for info in listing
+        if info.type == pafs.FileType.File and SHARD_PATTERN.match(info.base_name)
+    ]
+
+
+def clear_root(root_uri: str, overwrite: bool) -> None:
+    """Make ``root_uri`` ready for a new dataset by deleting the old one first: check it is
+    writable, refuse an existing dataset unless ``overwrite``, and remove an old manifest
+    (first) and old shards. A write that then fails has lost the old dataset: prefer
+    :func:`start_dataset` and :func:`remove_unlisted_shards`, which keep it until the new
+    one is whole."""
+    exists = _holds_dataset(root_uri, overwrite)
+    filesystem, base = storage.resolve(root_uri)
+    try:
         if exists:
             # The manifest goes first, so a failure below never leaves it naming deleted shards.
-            filesystem.delete_file(manifest_path)
+            filesystem.delete_file(posixpath.join(base, MANIFEST_NAME))
         for name in DATASET_NAMES:
-            folder = posixpath.join(base, name)
-            listing = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-            stale = [
-                info.path
-                for info in listing
-                if info.type == pafs.FileType.File and SHARD_PATTERN.match(info.base_name)
-            ]
-            delete_files(filesystem, stale)
-    except DatasetError:
-        raise
+            delete_files(filesystem, _shard_files(filesystem, posixpath.join(base, name)))
     except Exception as exc:
         raise storage.wrap_error(root_uri, exc, "clear old dataset") from None

@@ -12,13 +12,20 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
+from cyclegan.config import ModelConfig
 from pipeline.config import Config, default_tracking_uri, flatten
 
 log = logging.getLogger(__name__)
@@ -143,17 +150,96 @@ class NullSink:
         pass
 
 
-class MlflowSink(NullSink):
-    """Logs to one MLflow run; reports the first failure, then keeps trying quietly."""
+@dataclass(eq=False)  # compared by identity: a queued image is an array
+class _Write:
+    """One queued write of an ``MlflowSink``: a metric batch, or an image (``image`` set)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False):
-        # Fail fast when the server is away (the defaults retry for minutes and would stall
-        # the training loop that calls this sink).
+    step: int
+    metrics: list[Metric] | None = None
+    image: np.ndarray | None = None
+    key: str = ""
+    timestamp: int = 0  # ms, when the image was handed over
+
+    @property
+    def kind(self) -> str:
+        return "metric batches" if self.image is None else "images"
+
+
+def _rejected(exc: Exception) -> bool:
+    """Whether a write was refused for good (a 4xx from the server, or MLflow's own checks):
+    retrying it would hold up the queue forever. Timeouts, throttling and 5xx are retried."""
+    if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, OSError):
+        return True  # e.g. an image key with a character MLflow does not take
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+    else:  # requests.HTTPError from an artifact upload
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def _step_ranges(steps: list[int]) -> str:
+    """``"3-5, 9"`` for the steps 3, 4, 5, 9."""
+    ordered = sorted(set(steps))
+    parts, start = [], ordered[0]
+    for prev, step in zip(ordered, [*ordered[1:], None], strict=True):
+        if step is None or step != prev + 1:
+            parts.append(f"{start}-{prev}" if prev > start else str(start))
+            start = step
+    return ", ".join(parts)
+
+
+class MlflowSink(NullSink):
+    """Logs to one MLflow run from a background thread, so that a tracking server that is
+    down or hangs never stalls the training loop that calls the sink.
+
+    ``log_metrics`` and ``log_image`` only queue a write and return. One writer thread sends
+    the queue in order (consecutive metric batches merged into one request) and retries a
+    failed request until it goes through; a write the server rejects (4xx) is dropped. The
+    queue is bounded: at ``max_pending`` metric batches (``max_pending_images`` images) the
+    oldest one is dropped. ``close()`` waits up to ``flush_timeout_s`` for the queue to
+    drain, then reports once, with their steps, the writes that were lost. The first failure
+    of an outage is reported once, and so is the recovery.
+    """
+
+    RETRY_MAX_S = 5.0  # the longest wait between two tries of a failed request
+    METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        system_metrics: bool = False,
+        *,
+        max_pending: int = 4096,
+        max_pending_images: int = 8,
+        flush_timeout_s: float = 30.0,
+    ):
+        # Fail fast when the server is away (the defaults retry for minutes): a request in
+        # flight when close() gives up would hold the writer thread that long.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if max_pending < 1 or max_pending_images < 1 or flush_timeout_s < 0:
+            raise ValueError(
+                f"MlflowSink: max_pending ({max_pending}) and max_pending_images "
+                f"({max_pending_images}) must be >= 1, flush_timeout_s ({flush_timeout_s}) >= 0"
+            )
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.failures = 0
+        self.max_pending, self.max_pending_images = max_pending, max_pending_images
+        self.flush_timeout_s = flush_timeout_s
+        self.failures = 0  # failed tries since the last request that went through
+        self._rejections, self._rejection = 0, None  # writes refused for good; the last error
+        # Guarded by _cond: the queue, the request in flight, and what was lost.
+        self._cond = threading.Condition()
+        self._queue: deque[_Write] = deque()
+        self._queued_images = 0
+        self._in_flight: list[_Write] = []
+        self._lost: dict[str, list[int]] = {"metric batches": [], "images": []}
+        self._lost_why: Counter[str] = Counter()
+        self._closing = False
+        self._gave_up = threading.Event()
+        self._writer = threading.Thread(target=self._write_queue, name="mlflow-sink", daemon=True)
+        self._writer.start()
         self._system = None
         if system_metrics:
             self._start_system_metrics(tracking_uri)
@@ -168,46 +254,171 @@ class MlflowSink(NullSink):
         except Exception as exc:
             log.warning("system metrics are off: %s", exc)
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-            if self.failures:
-                _warn(f"[tracking] MLflow reachable again after {self.failures} failed writes")
-                self.failures = 0
-        except Exception as exc:
-            if self.failures == 0:
-                _warn(f"[tracking] MLflow {what} failed, training goes on: {exc}")
-            self.failures += 1
-
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._guard(
-            "metric logging", self.client.log_batch, self.run_id, metrics=batch, synchronous=True
-        )
+        self._put(_Write(step, metrics=batch))
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._guard("image logging", self.client.log_image, self.run_id, image, key=key, step=step)
+        # A copy: the caller may reuse its array before the writer sends this one.
+        now = int(time.time() * 1000)
+        self._put(_Write(step, image=np.array(image, copy=True), key=key, timestamp=now))
 
     def close(self) -> None:
+        """Wait up to ``flush_timeout_s`` for the queue to drain; report what was lost."""
         if self._system is not None:
             with contextlib.suppress(Exception):
                 self._system.finish()
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._writer.join(self.flush_timeout_s)
+        with self._cond:
+            if self._writer.is_alive():  # still waiting on the server: leave it behind
+                self._gave_up.set()
+                why = f"still queued when close gave up after {self.flush_timeout_s:g} s"
+                self._lose([*self._in_flight, *self._queue], why)
+                self._in_flight = []
+                self._queue.clear()
+            lost = {kind: steps for kind, steps in self._lost.items() if steps}
+            if lost:
+                counts = [f"{len(steps)} {kind} could not be written (steps "
+                          f"{_step_ranges(steps)})" for kind, steps in lost.items()]  # fmt: skip
+                why = ", ".join(f"{n} {reason}" for reason, n in self._lost_why.items())
+                _warn(f"[tracking] {'; '.join(counts)}: {why}")
+
+    def _put(self, write: _Write) -> None:
+        """Queue one write without waiting; a full queue drops its oldest write of that kind."""
+        image = write.image is not None
+        with self._cond:
+            if self._closing:
+                raise RuntimeError(f"MlflowSink of run {self.run_id} is closed (step {write.step})")
+            queued = self._queued_images if image else len(self._queue) - self._queued_images
+            if queued >= (self.max_pending_images if image else self.max_pending):
+                oldest = next(w for w in self._queue if (w.image is not None) == image)
+                self._queue.remove(oldest)
+                self._queued_images -= image
+                self._lose([oldest], "dropped while the queue was full")
+            self._queue.append(write)
+            self._queued_images += image
+            self._cond.notify()
+
+    def _lose(self, writes: list[_Write], why: str) -> None:
+        for write in writes:
+            self._lost[write.kind].append(write.step)
+            self._lost_why[why] += 1
+
+    def _write_queue(self) -> None:
+        """The writer thread: sends the queue in order until close() has it drained."""
+        while not self._gave_up.is_set():
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                writes = self._in_flight = self._take()
+            rejected = writes if self._send(writes) else []
+            if len(rejected) > 1:  # one bad batch must not take its neighbours along
+                rejected = [w for w in writes if not self._gave_up.is_set() and self._send([w])]
+            if rejected and self._rejections == 0:
+                _warn(f"[tracking] MLflow rejected the {rejected[0].kind} of step "
+                      f"{rejected[0].step}, dropped: {self._rejection}")  # fmt: skip
+            self._rejections += len(rejected)
+            with self._cond:
+                if self._in_flight:  # else close() gave up on them and counted them lost
+                    self._lose(rejected, "rejected by the server")
+                self._in_flight = []
+
+    def _take(self) -> list[_Write]:
+        """The next request's writes (under the lock): one image, or metric batches in a row."""
+        writes = [self._queue.popleft()]
+        if writes[0].image is not None:
+            self._queued_images -= 1
+            return writes
+        count = len(writes[0].metrics)
+        while self._queue and self._queue[0].image is None:
+            count += len(self._queue[0].metrics)
+            if count > self.METRICS_PER_REQUEST:
+                break
+            writes.append(self._queue.popleft())
+        return writes
+
+    def _send(self, writes: list[_Write]) -> bool:
+        """Try one request until it goes through, close() gives up on it, or the server
+        rejects it (returns True)."""
+        what = "metric logging" if writes[0].image is None else "image logging"
+        wait = 0.5
+        while True:
+            try:
+                if writes[0].image is None:
+                    metrics = [m for w in writes for m in w.metrics]
+                    self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+                else:
+                    w = writes[0]
+                    self.client.log_image(self.run_id, w.image, key=w.key, step=w.step,
+                                          timestamp=w.timestamp, synchronous=True)  # fmt: skip
+            except Exception as exc:
+                if _rejected(exc):
+                    self._rejection = exc
+                    return True
+                if self.failures == 0:
+                    _warn(f"[tracking] MLflow {what} failed, training goes on: {exc}")
+                self.failures += 1
+                if self._gave_up.wait(wait):
+                    return False
+                wait = min(2 * wait, self.RETRY_MAX_S)
+                continue
+            if self.failures:
+                _warn(f"[tracking] MLflow reachable again after {self.failures} failed writes; "
+                      f"sending the {len(self._queue)} queued writes")  # fmt: skip
+                self.failures = 0
+            return False
+
+
+def log_generator(
+    net, cfg: ModelConfig, name: str, size: int, *, step: int = 0, registered: str | None = None
+):
+    """Log one generator to the active MLflow run as the model ``name``; returns MLflow's
+    ModelInfo. The model is a pt2 graph (torch.export, no pickle) that takes any batch and any
+    image size of at least 4 px, for ``mlflow.pytorch.load_model``; its ``extra_files`` hold the
+    state dict and architecture that :mod:`pipeline.models` loads as a ResnetGenerator."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline.exporters import PaddedGenerator
+    from pipeline.models import write_generator_files
+
+    def images(channels: int) -> Schema:
+        return Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1))])
+
+    # A batch of 2: torch.export fixes a dimension that is 1 in the example.
+    example = np.zeros((2, cfg.input_nc, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="cyclegan-generator-") as tmp:
+        return mlflow.pytorch.log_model(
+            PaddedGenerator(net).eval(),  # pads to a multiple of 4 without a shape branch
+            name=name,
+            serialization_format="pt2",
+            signature=ModelSignature(inputs=images(cfg.input_nc), outputs=images(cfg.output_nc)),
+            input_example=example,
+            extra_files=write_generator_files(net, cfg, tmp),
+            # Given, not inferred: inferring loads the model in a subprocess.
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            registered_model_name=registered,
+            step=step,
+        )
 
 
 def log_generators(cfg: Config, run_id: str, checkpoint) -> None:
-    """Log G_A (A->B) and G_B (B->A) of a Ray checkpoint as MLflow models (pickle format, with
-    the ``cyclegan`` package as code), and register them when ``tracking.register`` is set."""
-    import cyclegan
+    """Log G_A (A->B) and G_B (B->A) of a Ray checkpoint as MLflow models (see
+    :func:`log_generator`), and register them when ``tracking.register`` is set."""
     from cyclegan.checkpoint import load_checkpoint
     from cyclegan.networks import ResnetGenerator
     from pipeline.checkpoints import CHECKPOINT_FILE
 
     with checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    size = cfg.data.crop_size
     mlflow.set_tracking_uri(cfg.tracking.uri or default_tracking_uri())
     for net_name, model_name, m in (
         ("G_A", "generator_AtoB", cfg.model),
@@ -216,17 +427,15 @@ def log_generators(cfg: Config, run_id: str, checkpoint) -> None:
         net = ResnetGenerator(m.input_nc, m.output_nc, m.ngf, m.n_blocks, m.norm)
         net.load_state_dict(state["nets"][net_name])
         net.eval()
-        example = np.zeros((1, m.input_nc, size, size), dtype=np.float32)
         registered = (
             f"{cfg.tracking.register}-{model_name.split('_')[1]}" if cfg.tracking.register else None
         )
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
+            log_generator(
                 net,
-                name=model_name,
-                serialization_format="pickle",
-                code_paths=[str(Path(cyclegan.__file__).parent)],
-                input_example=example,
-                registered_model_name=registered,
+                m,
+                model_name,
+                cfg.data.crop_size,
                 step=int(state["step"]),
+                registered=registered,
             )

@@ -117,20 +117,22 @@ def train(
         plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))
         print(f"[train] run {plan.name}, MLflow run {plan.run_id} at "
               f"{storage.redact(plan.tracking_uri)}", flush=True)  # fmt: skip
-        trainer = build_trainer(plan, use_gpu, callbacks)
         try:
-            result = trainer.fit()
-        except Exception as exc:
-            tracking.finish_run(cfg, plan.run_id, "FAILED")
-            failure = _storage_failure(plan, exc)
+            result = build_trainer(plan, use_gpu, callbacks).fit()
+            checkpoint = result.checkpoint
+            if checkpoint is not None and cfg.tracking.log_model:
+                tracking.log_generators(cfg, plan.run_id, checkpoint)
+        except BaseException as exc:
+            # The MLflow run never stays RUNNING: Ctrl-C (or a kill that Python sees) marks it
+            # KILLED, any other failure FAILED; `--resume` reopens it either way.
+            interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
+            tracking.finish_run(cfg, plan.run_id, "KILLED" if interrupted else "FAILED")
+            failure = None if interrupted else _storage_failure(plan, exc)
             if failure is not None:
                 raise failure from exc
             raise
-        checkpoint = result.checkpoint
-        step = int(result.metrics.get("step", 0)) if result.metrics else 0
-        if checkpoint is not None and cfg.tracking.log_model:
-            tracking.log_generators(cfg, plan.run_id, checkpoint)
         tracking.finish_run(cfg, plan.run_id, "FINISHED")
+        step = int(result.metrics.get("step", 0)) if result.metrics else 0
         path = checkpoint.path if checkpoint else None
         return TrainResult(plan.name, plan.run_id, path, step, dict(result.metrics or {}))
     finally:

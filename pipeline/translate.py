@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 storage_uri=args.storage,
                 arch=arch,
+                trust_pickle=args.trust_pickle,
             )
         finally:
             if started_here:

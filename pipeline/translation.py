@@ -24,6 +24,7 @@ from cyclegan.config import ModelConfig
 from cyclegan.transforms import to_input, to_uint8
 from pipeline import storage
 from pipeline.images import BadImage, decode_resized, encode_image
+from pipeline.shards import check_key
 from pipeline.storage import IMAGE_EXTENSIONS, list_images
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Inputs:
     keys: list[str]
     base: str
     """Folder the file keys are relative to (files only)."""
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+    """``{"key", "reason"}`` of each symlink of a local folder left out (see list_images)."""
 
 
 def output_key(key: str, fmt: str) -> tuple[str, str]:
@@ -54,6 +57,15 @@ def output_key(key: str, fmt: str) -> tuple[str, str]:
         return (key, pil) if pil else (stem + ".png", "PNG")
     pil = fmt.upper()
     return (key if EXTENSION[pil] == ext.lower() else stem + EXTENSION[pil]), pil
+
+
+def _check_input_key(key: str) -> None:
+    """An input's key becomes a path under the output: one that would leave it (``../x``,
+    ``/x``) is that row's error, as an unreadable image is."""
+    try:
+        check_key(key)
+    except ValueError as exc:
+        raise BadImage(key, str(exc)) from None
 
 
 def scaled_size(width: int, height: int, load_size: int | None) -> tuple[int, int]:
@@ -95,13 +107,15 @@ def list_inputs(input_uri: str, direction: str, split: str | None) -> Inputs:
         return Inputs("shards", fs, manifest.shard_paths(name), keys, path)
     if split:
         raise ValueError(f"--split {split}: {shown} is a folder of images, not a dataset root")
-    keys, others = list_images(input_uri)
-    if not keys:
+    listing = list_images(input_uri)
+    if not listing.keys:
         raise ValueError(
             f"--input {shown}: no images (looked for {' '.join(IMAGE_EXTENSIONS)}; "
-            f"found {others} other files)"
+            f"found {listing.others} other files)"
         )
-    return Inputs("files", fs, [posixpath.join(path, k) for k in keys], keys, path)
+    paths = [posixpath.join(path, k) for k in listing.keys]
+    skipped = [{"key": key, "reason": reason} for key, reason in listing.skipped]
+    return Inputs("files", fs, paths, listing.keys, path, skipped)
 
 
 def check_output(output_uri: str, input_uri: str, overwrite: bool) -> None:
@@ -167,9 +181,10 @@ class Translator:
         by_size: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
         for key, data in rows:
             try:
+                _check_input_key(key)
                 pixels = decode_resized(data, key, partial(scaled_size, load_size=self.load_size))
             except BadImage as exc:
-                log.warning("skipping unreadable image %s: %s", key, exc.reason)
+                log.warning("skipping %s: %s", key, exc.reason)
                 for name, value in (("key", key), ("output", ""), ("error", exc.reason)):
                     out[name].append(value)
                 out["width"].append(0)
@@ -252,6 +267,7 @@ def translate(
     overwrite: bool = False,
     storage_uri: str | None = None,
     arch: ModelConfig | None = None,
+    trust_pickle: bool = False,
 ) -> dict:
     """Translate every input image and write it under ``output_uri``; Ray must be connected.
 
@@ -269,7 +285,9 @@ def translate(
         raise ValueError(f"--load-size: must be >= 4, got {load_size}")
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    net, cfg, _ = load_generator(source, direction, storage=storage_uri, arch=arch)
+    net, cfg, _ = load_generator(
+        source, direction, storage=storage_uri, arch=arch, trust_pickle=trust_pickle
+    )
     inputs = list_inputs(input_uri, direction, split)
     outputs = [output_key(k, fmt)[0] for k in inputs.keys]
     if len(set(outputs)) != len(outputs):
@@ -324,7 +342,8 @@ def translate(
     return {
         "keys": sorted(str(r["output"]) for r in done),
         "images": len(done),
-        "failed": [{"key": str(r["key"]), "reason": str(r["error"])} for r in rows if r["error"]],
+        "failed": inputs.skipped
+        + [{"key": str(r["key"]), "reason": str(r["error"])} for r in rows if r["error"]],
         "seconds": round(seconds, 3),
         "images_per_s": len(done) / max(seconds, 1e-9),
         "actors": actors,

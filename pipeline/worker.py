@@ -33,7 +33,7 @@ from cyclegan.train_step import (
     translate_cycle,
 )
 from cyclegan.transforms import image_grid, to_input
-from pipeline import checkpoints
+from pipeline import checkpoints, storage
 from pipeline.config import Config
 from pipeline.data import UnpairedBatches, load_samples
 from pipeline.plan import RunPlan
@@ -148,16 +148,32 @@ def build_state(cfg: Config, rank: int, device: torch.device) -> TrainState:
     return TrainState(nets, opts, scheds, pools)
 
 
-def restore(state: TrainState, latest, cfg: Config, device: torch.device) -> None:
-    """Continue from the newest loadable checkpoint of the run (Ray's latest first)."""
-    if latest is None:
+def restore(state: TrainState, runtime, plan: RunPlan, device: torch.device) -> None:
+    """Continue from the newest loadable checkpoint of the run, if it has one.
+
+    Ray Train records a checkpoint some time after a worker wrote it, and a worker or driver
+    killed in between leaves a whole, verified checkpoint that Ray does not hand over: so a
+    training run searches its own folder. A Tune trial takes the checkpoint Tune hands it
+    (population-based training copies another trial's)."""
+    cfg, latest = plan.config, runtime.checkpoint()
+    if isinstance(runtime, TrainRuntime):
+        fs, run_dir = storage.resolve(plan.run_uri)
+        first = None
+        if latest is None and not checkpoints.checkpoint_folders(fs, run_dir, plan.run_uri):
+            return
+    elif latest is not None:
+        fs, run_dir, first = (
+            latest.filesystem,
+            os.path.dirname(latest.path.rstrip("/")),
+            latest.path,
+        )
+    else:
         return
-    run_dir = os.path.dirname(latest.path.rstrip("/"))
     path, ckpt = checkpoints.newest_loadable(
-        latest.filesystem,
+        fs,
         run_dir,
         run_dir,
-        first=latest.path,
+        first=first,
         map_location=device,
         on_skip=lambda where, exc: say(
             f"[train] checkpoint {where} is unusable ({exc}); trying the next older one"
@@ -332,7 +348,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     torch.set_num_threads(plan.threads_per_worker)
 
     state = build_state(cfg, rank, device)
-    restore(state, runtime.checkpoint(), cfg, device)
+    restore(state, runtime, plan, device)
     torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * state.step)
     state.nets = wrap(state.nets, cfg, world)
     shards = {d: runtime.shard(d) for d in ("A", "B")}
