@@ -459,21 +459,3 @@ def _shard_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
         for info in listing
         if info.type == pafs.FileType.File and SHARD_PATTERN.match(info.base_name)
     ]
-
-
-def clear_root(root_uri: str, overwrite: bool) -> None:
-    """Make ``root_uri`` ready for a new dataset by deleting the old one first: check it is
-    writable, refuse an existing dataset unless ``overwrite``, and remove an old manifest
-    (first) and old shards. A write that then fails has lost the old dataset: prefer
-    :func:`start_dataset` and :func:`remove_unlisted_shards`, which keep it until the new
-    one is whole."""
-    exists = _holds_dataset(root_uri, overwrite)
-    filesystem, base = storage.resolve(root_uri)
-    try:
-        if exists:
-            # The manifest goes first, so a failure below never leaves it naming deleted shards.
-            filesystem.delete_file(posixpath.join(base, MANIFEST_NAME))
-        for name in DATASET_NAMES:
-            delete_files(filesystem, _shard_files(filesystem, posixpath.join(base, name)))
-    except Exception as exc:
-        raise storage.wrap_error(root_uri, exc, "clear old dataset") from None

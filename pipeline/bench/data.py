@@ -26,8 +26,9 @@ def make_jpeg_dataset(root: str, count: int, size: int, seed: int = 0) -> str:
         DatasetError,
         ShardWriter,
         build_manifest,
-        clear_root,
         read_manifest,
+        remove_unlisted_shards,
+        start_dataset,
         write_manifest,
     )
     from pipeline.storage import StorageError
@@ -36,13 +37,15 @@ def make_jpeg_dataset(root: str, count: int, size: int, seed: int = 0) -> str:
     with contextlib.suppress(DatasetError, StorageError):
         if read_manifest(root).source == source:
             return root
-    clear_root(root, overwrite=True)
-    with ShardWriter(root, "trainA") as writer:
+    generation = start_dataset(root, overwrite=True)
+    with ShardWriter(root, "trainA", generation=generation) as writer:
         for i in range(count):
             photo = Image.fromarray(render_scene(i, size, seed)[1])
             writer.add(f"{i:06d}.jpg", encode_image(photo, "JPEG"), size, size, "JPEG")
         entry = writer.close()
-    write_manifest(root, build_manifest(source, {"trainA": entry}))
+    manifest = build_manifest(source, {"trainA": entry})
+    write_manifest(root, manifest)
+    remove_unlisted_shards(root, manifest)
     return root
 
 

@@ -20,8 +20,9 @@ from pipeline.shards import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
     build_manifest,
-    clear_root,
     delete_files,
+    remove_unlisted_shards,
+    start_dataset,
     write_manifest,
 )
 
@@ -54,7 +55,8 @@ def write_scenes(
     if size < 8:
         raise ValueError(f"size: must be at least 8 px, got {size}")
     start = time.monotonic()
-    clear_root(dest, overwrite)
+    # The old dataset (if any) stays readable until the new manifest replaces it.
+    generation = start_dataset(dest, overwrite)
     # (split whose scenes are drawn, count, {dataset: "label" or "photo"})
     plan = [("trainA", train_a, {"trainA": "label"}), ("trainB", train_b, {"trainB": "photo"})]
     if test:
@@ -65,17 +67,20 @@ def write_scenes(
     try:
         for split, count, targets in plan:
             split_entries, split_written, seconds = _write_split(
-                dest, split, count, targets, size, seed, shard_bytes
+                dest, split, count, targets, size, seed, shard_bytes, generation
             )
             entries.update(split_entries)
             written.extend(split_written)
             render_s += seconds
         source = f"synth:scenes size={size} seed={seed}"
-        manifest_uri = write_manifest(dest, build_manifest(source, entries, paired_test=bool(test)))
+        manifest = build_manifest(source, entries, paired_test=bool(test))
+        manifest_uri = write_manifest(dest, manifest)
     except BaseException:
         # Without a manifest the shards of finished datasets are unreachable; remove them.
         delete_files(dest_fs, written)
         raise
+    for uri in remove_unlisted_shards(dest, manifest):
+        print(f"[synth] warning: could not delete the replaced shard {uri}", flush=True)
     images = sum(e["count"] for e in entries.values())
     return {
         "manifest": manifest_uri,
@@ -95,6 +100,7 @@ def _write_split(
     size: int,
     seed: int,
     shard_bytes: int,
+    generation: str = "",
 ) -> tuple[dict[str, dict], list[str], float]:
     """Write the ``count`` scenes of ``split`` to each dataset of ``targets`` (its label or its
     photo): (manifest entry per dataset, shard paths written, seconds spent rendering and
@@ -104,7 +110,7 @@ def _write_split(
     # Each writer closes on success and deletes its own shards on an exception.
     with contextlib.ExitStack() as stack:
         writers = {
-            name: stack.enter_context(ShardWriter(dest, name, shard_bytes=shard_bytes))
+            name: stack.enter_context(ShardWriter(dest, name, shard_bytes, generation))
             for name in targets
         }
         for i in range(count):
