@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def default_storage_uri() -> str:
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else a SQLite store in the home."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(home(), "mlflow.db")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(home(), "mlflow.db")
+    return without_credentials(uri)
 
 
 @dataclass
@@ -228,6 +230,22 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` without a user and password (``http://user:pass@host`` -> ``http://host``); they
+    go to ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` of this process, where
+    MLflow reads them (set ones win), so no config, param, file or Ray job ever holds them."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme not in ("http", "https"):
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if user:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(user))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(password))
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
 def with_defaults(cfg: Config) -> Config:
     """``cfg`` with every empty URI replaced by its embedded default, made absolute: the one
     place the environment (``$CYCLEGAN_HOME``, ``$MLFLOW_TRACKING_URI``) is read for a run."""
@@ -235,12 +253,14 @@ def with_defaults(cfg: Config) -> Config:
     def local_abs(uri: str) -> str:
         return uri if "://" in uri else os.path.abspath(uri)
 
+    tracking = without_credentials(cfg.tracking.uri or default_tracking_uri())
+
     return merge(
         cfg,
         {
             "data": {"uri": local_abs(cfg.data.uri or default_data_uri())},
             "storage": {"uri": local_abs(cfg.storage.uri or default_storage_uri())},
-            "tracking": {"uri": cfg.tracking.uri or default_tracking_uri()},
+            "tracking": {"uri": tracking},
         },
     )
 

@@ -315,7 +315,8 @@ def sweep(cfg: Config, name: str, settings: SweepSettings, resume: bool = False)
                 ),
                 run_config=tune.RunConfig(name=name, **storage_kwargs),
             )
-        results = tuner.fit()
+        with storage.credentials_hidden():
+            results = tuner.fit()
         return summarize(base, results, name, sweep_uri, settings, parent)
     finally:
         if started:

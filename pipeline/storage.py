@@ -11,6 +11,7 @@ through :func:`redact` have secret values replaced by ``***``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
@@ -37,6 +38,8 @@ FAIL_FAST_ATTEMPTS = 3
 GCS_RETRY_LIMIT = timedelta(seconds=15)
 
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", *SECRET_ENV_VARS)
+"""Never forwarded to Ray: a key id without its secret would only break the default chain."""
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL_KEY)", re.IGNORECASE)
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)((?:secret[_-]?(?:access[_-]?)?key|session[_-]?token|password|x-amz-security-token)"
@@ -161,11 +164,17 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         self.max_attempts, self._kwargs = max_attempts, kwargs
 
     def __reduce__(self):
-        return (_rebuild_s3, (self.max_attempts, self._kwargs))
+        # Pickled for Ray tasks and actors, whose specs Ray keeps and shows: the credentials
+        # stay behind, and the receiving node uses its own (environment, profile, instance role).
+        public = {k: v for k, v in self._kwargs.items() if k not in CREDENTIAL_KWARGS}
+        return (_rebuild_s3, (self.max_attempts, public))
+
+
+CREDENTIAL_KWARGS = ("access_key", "secret_key", "session_token")
 
 
 def _rebuild_s3(max_attempts: int, kwargs: dict) -> RetryingS3FileSystem:
-    return RetryingS3FileSystem(max_attempts, **kwargs)
+    return RetryingS3FileSystem(max_attempts, **kwargs, **_credentials(os.environ))
 
 
 def max_attempts(env: dict[str, str]) -> int:
@@ -200,12 +209,19 @@ def s3_filesystem(
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = scheme
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["access_key"] = env["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = env["AWS_SECRET_ACCESS_KEY"]
-        if env.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = env["AWS_SESSION_TOKEN"]
+    kwargs.update(_credentials(env))
     return RetryingS3FileSystem(FAIL_FAST_ATTEMPTS if fail_fast else max_attempts(env), **kwargs)
+
+
+def _credentials(env) -> dict[str, str]:
+    """Explicit keys from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and a session
+    token) where both are set; else none, and the AWS SDK's default chain decides."""
+    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+        return {}
+    out = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
+    if env.get("AWS_SESSION_TOKEN"):
+        out["session_token"] = env["AWS_SESSION_TOKEN"]
+    return out
 
 
 def gcs_filesystem(env: dict[str, str] | None = None) -> pafs.GcsFileSystem:
@@ -355,11 +371,33 @@ def redact(text: str) -> str:
     return _URL_USERINFO.sub(r"\1***\3", text)
 
 
+@contextlib.contextmanager
+def credentials_hidden():
+    """This process's AWS credential variables taken out of its environment for the block.
+
+    Ray Tune copies them from the driver's environment into every trial's runtime
+    environment, which Ray writes to its logs; trials use their node's own credentials
+    instead. Filesystems built before the block keep theirs."""
+    saved = {k: os.environ.pop(k) for k in CREDENTIAL_ENV_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def storage_env() -> dict[str, str]:
-    """The ``AWS_*``/``GOOGLE_*``/``GCS_*`` variables (and ``STORAGE_EMULATOR_HOST``) of this
-    process, for workers that must reach the same storage. Pass them through a runtime
-    environment; never log or store them."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """The ``AWS_*``/``GOOGLE_*``/``GCS_*`` settings (and ``STORAGE_EMULATOR_HOST``) of this
+    process that workers need to reach the same storage (region, endpoint, retries), for a
+    Ray runtime environment. Credentials are left out: Ray keeps and shows runtime
+    environments, so every node uses its own (its environment, profile or instance role; a
+    local Ray started by a command inherits the command's)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_ENV_PREFIXES)
+        and k not in CREDENTIAL_ENV_VARS
+        and not _SECRET_NAME.search(k)
+    }
     if "STORAGE_EMULATOR_HOST" in os.environ:
         env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
     return env

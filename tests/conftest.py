@@ -29,6 +29,14 @@ import torch
 
 pytest_plugins = ["tests.ray_fixtures"]
 
+# Tests send nothing beyond 127.0.0.1: MLflow's usage telemetry is off here and in every
+# process the tests start (they inherit this environment).
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+# MLflow's import asks the platform module for the OS name, which runs a process: import it
+# once here, before the unit tier's no-process rule is in force.
+import mlflow  # noqa: E402, F401
+
 VENV_BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
 

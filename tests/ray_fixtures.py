@@ -33,8 +33,10 @@ def free_port() -> int:
 
 
 class RayHead:
-    def __init__(self, address: str, dashboard: str, env: dict[str, str]):
+    def __init__(self, address: str, dashboard: str, env: dict[str, str], temp: str = ""):
         self.address, self.dashboard, self.env = address, dashboard, env
+        self.temp = temp
+        """Ray's temp folder of this head (its session folders: logs, runtime envs, spills)."""
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +46,17 @@ def ray_head():
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     from pipeline.data import IDLE_WORKER_KEEP_MS
+    from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
 
     env = {
         **os.environ,
         **RAY_ENV,
         "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
+        # The node's own credentials for the local S3 server (which takes any): commands
+        # never hand theirs to Ray.
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_REGION": S3_REGION,
     }
     cmd = [
         str(VENV_BIN / "ray"),
@@ -70,7 +78,9 @@ def ray_head():
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
     try:
-        yield RayHead(address, f"http://127.0.0.1:{dash}", {**RAY_ENV, "RAY_ADDRESS": address})
+        yield RayHead(
+            address, f"http://127.0.0.1:{dash}", {**RAY_ENV, "RAY_ADDRESS": address}, temp
+        )
     finally:
         stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -101,6 +101,30 @@ def test_storage_env_forwards_cloud_variables_only(monkeypatch):
     assert "UNRELATED_SETTING" not in env and "PATH" not in env
 
 
+def test_credentials_never_go_to_ray(monkeypatch):
+    """Ray keeps and shows runtime environments and task specs: neither the forwarded variables
+    nor a pickled filesystem carry a credential; the receiving node uses its own."""
+    import pickle
+
+    canary = "Canary-Pickled-Secret-8c1e"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIACANARYKEYID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", canary + "-token")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    env = storage.storage_env()
+    assert env["AWS_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    data = pickle.dumps(storage.s3_filesystem())
+    assert canary.encode() not in data and b"AKIACANARYKEYID" not in data
+    # Unpickled on a node with credentials of its own, the filesystem takes those.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "node-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "node-secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    rebuilt = pickle.loads(data)
+    assert rebuilt._kwargs["region"] == "eu-west-1" and rebuilt.max_attempts >= 10
+    assert pickle.loads(pickle.dumps(rebuilt)) is not None
+
+
 def test_check_access_local(tmp_path):
     with pytest.raises(storage.StorageError) as missing:
         storage.check_access(str(tmp_path / "nope"), write=False)
