@@ -131,10 +131,7 @@ def _step(fs: pafs.FileSystem, folder: str, where: str) -> int:
         # Reading the step of a remote checkpoint means downloading it whole: order those by
         # folder name alone (Ray names them by the time they were written).
         return 0
-    try:
-        state = load(fs, posixpath.join(folder, CHECKPOINT_FILE), where, verify=False, mmap=True)
-    except CheckpointError:
-        return -1  # unreadable: tried last, and reported when it is
+    state = load(fs, posixpath.join(folder, CHECKPOINT_FILE), where, verify=False, mmap=True)
     return int(state.get("step", -1)) if isinstance(state, dict) else -1
 
 
@@ -153,21 +150,35 @@ def newest_loadable(
     folder ``first`` (the one Ray hands a restarted worker) is tried before the others. A
     checkpoint that fails, or has no ``.sha256`` file, is passed to ``on_skip`` and the next
     older one is tried."""
-    folders = checkpoint_folders(fs, run_dir, where)
-    ordered = sorted(folders, key=lambda f: (_step(fs, f, where), f), reverse=True)
-    if first is not None:
+
+    def label(folder: str) -> str:
+        return storage.join(where, posixpath.basename(folder.rstrip("/")), CHECKPOINT_FILE)
+
+    failures: list[CheckpointError] = []
+
+    def skip(folder: str, exc: CheckpointError) -> None:
+        failures.append(exc)
+        if on_skip is not None:
+            on_skip(label(folder), exc)
+
+    steps = {}
+    for folder in checkpoint_folders(fs, run_dir, where):
+        try:
+            steps[folder] = _step(fs, folder, label(folder))
+        except CheckpointError as exc:  # not even its step can be read: unusable
+            skip(folder, exc)
+    ordered = sorted(steps, key=lambda f: (steps[f], f), reverse=True)
+    if first is not None and first.rstrip("/") in {f.rstrip("/") for f in ordered}:
         first = first.rstrip("/")
         ordered = [first] + [f for f in ordered if f.rstrip("/") != first]
-    failures: list[CheckpointError] = []
     for folder in ordered:
         path = posixpath.join(folder, CHECKPOINT_FILE)
-        label = storage.join(where, posixpath.basename(folder.rstrip("/")), CHECKPOINT_FILE)
         try:
-            return path, load(fs, path, label, require_digest=True, map_location=map_location)
+            return path, load(
+                fs, path, label(folder), require_digest=True, map_location=map_location
+            )
         except CheckpointError as exc:
-            failures.append(exc)
-            if on_skip is not None:
-                on_skip(label, exc)
+            skip(folder, exc)
     why = f" (newest: {failures[0]}; {len(failures)} tried)" if failures else ""
     raise CheckpointError(
         f"{where}: no {CHECKPOINT_FILE} here and no {CHECKPOINT_PREFIX}* folder holding one "

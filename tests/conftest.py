@@ -246,3 +246,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def running_mlflow_server(store: Path):
+    """A real ``mlflow server`` (SQLite store, artifacts proxied, one worker) on a free loopback
+    port; yields its URI."""
+    import signal
+    import urllib.request
+
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+           "--artifacts-destination", str(store / "artifacts")]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(uri + "/health", timeout=2).status == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the MLflow server did not come up (exit {proc.poll()})")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow server for one test, its store and artifacts under ``tmp_path/server``."""
+
+    class Server:
+        pass
+
+    with running_mlflow_server(tmp_path / "server") as uri:
+        server = Server()
+        server.uri = uri
+        yield server

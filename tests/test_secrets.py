@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_faults import mlflow_server  # noqa: F401  (a fixture)
 from tests.test_storage_faults import _objects
 from tests.test_train_cli import REPO
 
@@ -45,7 +44,7 @@ def test_credentials_reach_no_file_param_output_or_ray_session(
     s3_server,
     s3_env,
     mlflow_server,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     from pipeline.scenes import write_scenes
 

@@ -10,16 +10,10 @@ were reported lost with their steps.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.tracking import MlflowSink
-from tests.conftest import free_port
+from tests.conftest import free_port, running_mlflow_server
 
 IMAGE_EVERY = 10
 REQUEST_TIMEOUT_S = "3"  # MLflow's per-request timeout: a hung write gives up after ~2x this
@@ -148,30 +142,9 @@ def _close(sock: socket.socket) -> None:
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
-    """A real MLflow server (SQLite store, one worker) on a free loopback port."""
-    store = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-           "--artifacts-destination", str(store / "artifacts")]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(uri + "/health", timeout=2).status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the MLflow server did not come up (exit {proc.poll()})")
-            time.sleep(0.3)
+    """A real MLflow server for the module's tests."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture
