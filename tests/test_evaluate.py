@@ -388,3 +388,36 @@ def test_cli_official_file_one_direction_to_a_chosen_run(scenes, tmp_path, monke
     assert "logging to MLflow run" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "nothing.pth"), "--data", scenes]) == 2
     assert "nothing.pth: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_results_go_only_where_the_user_says(scenes, tmp_path):
+    """A checkpoint names the tracking store it was trained with; evaluate still logs only to
+    the user's (``$MLFLOW_TRACKING_URI``), never to the stored one."""
+    from mlflow import MlflowClient
+
+    home = tmp_path / "home"
+    home.mkdir()
+    stored = f"sqlite:///{tmp_path}/trained-with.db"
+    mine = f"sqlite:///{tmp_path}/mine.db"
+    stored_run = mlflow_run(stored, tmp_path / "stored-artifacts")
+    write_run(home / "checkpoints", "evalrun")
+    ckpt_path = home / "checkpoints" / "evalrun" / "checkpoint_000" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["mlflow_run_id"] = stored_run
+    ckpt["config"].setdefault("tracking", {})["uri"] = stored
+    save_checkpoint(ckpt, ckpt_path)
+    env = {**os.environ, "CYCLEGAN_HOME": str(home), "MLFLOW_TRACKING_URI": mine}
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "--model", "evalrun", "--data", scenes]
+        + ["--out", str(tmp_path / "report"), "--limit", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # The run is not in the user's store: the report is written, logging says where it tried.
+    assert (tmp_path / "report" / "metrics.json").exists()
+    assert res.returncode == 1 and "mine.db" in res.stderr, res.stderr[-2000:]
+    assert not MlflowClient(stored).get_run(stored_run).data.metrics  # nothing went there
