@@ -340,6 +340,16 @@ def save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due)
     checkpoints.report(runtime, metrics, ckpt, say)
 
 
+def report_finished(runtime, state: TrainState, evaluator: Evaluator) -> None:
+    """A run restored at its last step (a sweep resumed after the run had ended) trains no
+    more, but reports once, without a new checkpoint: whoever waits for its result (Tune's
+    scheduler) gets the step and the held-out scores."""
+    metrics = {"step": state.step, "epoch": state.epoch}
+    if runtime.rank == 0 and evaluator.enabled:
+        metrics.update(evaluator.scores(state.nets))
+    runtime.report(metrics, None)
+
+
 def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
     """One rank's training, from its plan (``loop_config["plan"]``) to the planned step."""
     plan: RunPlan = loop_config["plan"]
@@ -364,6 +374,8 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     if rank == 0:
         say(f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {state.step} -> "
             f"{last_step}, precision {dtype or torch.float32}, device {device}")  # fmt: skip
+    if state.step >= last_step:
+        report_finished(runtime, state, evaluator)
     try:
         while state.step < last_step:
             t0 = time.perf_counter()

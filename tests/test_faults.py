@@ -5,25 +5,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from cyclegan.checkpoint import load_checkpoint
-from tests.test_train_cli import REPO, checkpoint_dirs, final_checkpoint, runs_of, train_cli
+from tests.test_train_cli import (
+    checkpoint_dirs,
+    final_checkpoint,
+    runs_of,
+    start_train,
+    train_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_driver_resumes_in_the_same_run_past_a_corrupt_checkpoint(
@@ -49,13 +45,7 @@ def test_killed_driver_resumes_in_the_same_run_past_a_corrupt_checkpoint(
         "--set",
         "tracking.log_model=false",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_train(args, env, stdout=subprocess.DEVNULL)
     run_dir = tmp_path / "checkpoints" / "victim"
     try:
         wait_for(lambda: len(checkpoint_dirs(run_dir)) >= 3, 300, "three checkpoints")
@@ -113,14 +103,7 @@ def test_tracking_outage_does_not_stop_training(ray_head, tmp_path, mlflow_serve
     args = ["--preset", "tiny", "--data", data, "--name", "offline", "--max-steps", "600",
             "--set", "train.log_every=10", "--set", "train.sample_every=1000",
             "--set", "train.checkpoint_every=1000", "--set", "tracking.log_model=false"]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_train(args, env)
     client = MlflowClient(mlflow_server.uri)
 
     def runs():

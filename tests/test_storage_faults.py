@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipeline.storage import (
     write_bytes_atomic,
 )
 from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
-from tests.test_train_cli import REPO, runs_of, train_cli
+from tests.test_train_cli import runs_of, start_train, train_cli
 
 OUTAGE_S = 3.0
 
@@ -173,14 +172,7 @@ def test_training_rides_through_outages_while_reading_and_uploading(
     proxy.cut_when(b"checkpoint.pt HTTP/1.1", OUTAGE_S)
     # data.cache_mb=0: every pass reads the shards from the bucket again (the streaming path).
     args = [*_tiny(data, f"{bucket}/runs", "flaky", 30), "--set", "data.cache_mb=0"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_train(args, env)
     try:
         assert proxy.triggered.wait(240), "no checkpoint upload seen"
         proxy.triggered.clear()

@@ -185,7 +185,8 @@ def test_resume_equals_uninterrupted(ray_head, scenes, tmp_path):
     assert max(steps) == 10 and min(steps) <= 5
 
 
-def _wait(predicate, seconds: float, what: str):
+def wait_for(predicate, seconds: float, what: str):
+    """The first true value of ``predicate()``, polled for up to ``seconds``."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = predicate()
@@ -193,6 +194,18 @@ def _wait(predicate, seconds: float, what: str):
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_train(args: list[str], env: dict, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """``python -m pipeline.train ARGS`` in the background (output merged into ``stdout``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _train_workers() -> list:
@@ -229,21 +242,18 @@ def test_worker_killed_from_outside_then_ctrl_c_then_resume(ray_head, scenes, tm
             "train.num_to_keep=100", "--set", "tracking.log_model=false"]  # fmt: skip
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train", *args],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        proc = start_train(args, env, stdout=out)
     run_dir = tmp_path / "checkpoints" / "victim"
     try:
-        _wait(lambda: len(checkpoint_dirs(run_dir)) >= 1, 300, "a first checkpoint")
-        workers = _wait(lambda: len(_train_workers()) == 2 and _train_workers(), 60, "2 workers")
+        wait_for(lambda: len(checkpoint_dirs(run_dir)) >= 1, 300, "a first checkpoint")
+        workers = wait_for(lambda: len(_train_workers()) == 2 and _train_workers(), 60, "2 workers")
         before = {w.pid for w in workers}
         workers[-1].send_signal(signal.SIGKILL)
         workers[-1].wait(30)
         # The group restarts (new worker processes) and checkpoints again.
-        _wait(lambda: any(w.pid not in before for w in _train_workers()), 300, "a restart")
+        wait_for(lambda: any(w.pid not in before for w in _train_workers()), 300, "a restart")
         done = len(checkpoint_dirs(run_dir))
-        _wait(lambda: len(checkpoint_dirs(run_dir)) > done, 300, "a checkpoint after it")
+        wait_for(lambda: len(checkpoint_dirs(run_dir)) > done, 300, "a checkpoint after it")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) != 0
     finally:
