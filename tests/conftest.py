@@ -27,6 +27,8 @@ import boto3
 import pytest
 import torch
 
+from tests import cluster_files
+
 pytest_plugins = ["tests.ray_fixtures"]
 
 # Tests send nothing beyond 127.0.0.1: MLflow's usage telemetry is off here and in every
@@ -290,3 +292,27 @@ def mlflow_server(tmp_path):
         server = Server()
         server.uri = uri
         yield server
+
+
+# The cluster files (tests/test_cluster_config.py, tests/test_cluster_security.py)
+
+
+@pytest.fixture(params=cluster_files.CLUSTER_FILES, ids=lambda p: p.name)
+def cluster_file(request) -> Path:
+    return request.param
+
+
+@pytest.fixture
+def config(cluster_file) -> dict:
+    return cluster_files.load(cluster_file)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access during offline validation: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
