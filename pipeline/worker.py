@@ -404,4 +404,5 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
                 save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due)
     finally:
         batches.close()
-    progress.sink.close()
+        # Also on failure: the metrics queued before it still reach the run (or are named).
+        progress.sink.close()
