@@ -1,19 +1,21 @@
 """Evaluation metrics: paired label scores (photo->labels), L1 (labels->photo), FID and KID.
 
-Images everywhere are float NCHW in [-1, 1], as the generators produce them. Feature-based
-metrics take any ``nn.Module`` that maps such images to ``(N, D)`` features; ``InceptionFeatures``
-is the usual one.
+Images everywhere are float NCHW in [-1, 1], as the generators produce them. FID and KID are
+torchmetrics' on features of any ``nn.Module`` that maps such images to ``(N, D)`` features;
+``InceptionFeatures`` with the FID network's weights gives scores comparable with published ones.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import Inception_V3_Weights, inception_v3
+from torchvision.models import inception_v3
 
 # ---------------------------------------------------------------------------------------------
 # Paired label metrics (the Cityscapes photo->labels evaluation of pix2pix / CycleGAN)
@@ -130,7 +132,7 @@ def l1_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# FID and KID on features
+# FID and KID on features (torchmetrics)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -141,59 +143,41 @@ def _check_features(features: torch.Tensor, name: str, min_count: int = 2) -> No
         raise ValueError(f"{name}: need at least {min_count} samples, got {features.shape[0]}")
 
 
-def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
-    """Square root of a symmetric positive semi-definite matrix; round-off negatives become 0."""
-    eigvals, eigvecs = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
-
-
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
-    _check_features(features, "features")
-    x = features.double()
-    return x.mean(dim=0), torch.cov(x.T).reshape(x.shape[1], x.shape[1])
-
-
-def fid_from_statistics(
-    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
-) -> float:
-    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
-
-    ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), where tr((S1 S2)^(1/2)) is computed
-    as tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the same eigenvalues, but of a symmetric matrix.
-    """
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(
-            f"statistics differ in shape: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-            f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}"
-        )
-    mu1, mu2, sigma1, sigma2 = (t.double().cpu() for t in (mu1, mu2, sigma1, sigma2))
-    sqrt1 = _sqrt_psd(sigma1)
-    inner = sqrt1 @ sigma2 @ sqrt1
-    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
-    fid = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
-    return fid.item()
-
-
-def fid_from_features(features1: torch.Tensor, features2: torch.Tensor) -> float:
-    """Fréchet Inception Distance between two feature sets (N1, D) and (N2, D)."""
+def _check_pair(features1: torch.Tensor, features2: torch.Tensor) -> None:
     _check_features(features1, "features1")
     _check_features(features2, "features2")
     if features1.shape[1] != features2.shape[1]:
         raise ValueError(
             f"features1 has dimension {features1.shape[1]}, features2 {features2.shape[1]}"
         )
-    return fid_from_statistics(*feature_statistics(features1), *feature_statistics(features2))
 
 
-def _polynomial_mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unbiased MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3, for equal-sized x and y."""
-    d, m = x.shape[1], x.shape[0]
-    k_xx = (x @ x.T / d + 1) ** 3
-    k_yy = (y @ y.T / d + 1) ** 3
-    k_xy = (x @ y.T / d + 1) ** 3
-    off_diag = (k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum())
-    return off_diag / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
+class _GivenFeatures(nn.Module):
+    """The "feature extractor" torchmetrics runs on features extracted beforehand: it passes them
+    on as float64, so that both metrics do all their arithmetic in float64."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim  # read by FrechetInceptionDistance instead of probing the net
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.detach().to(device="cpu", dtype=torch.float64)
+
+
+def fid_from_features(features1: torch.Tensor, features2: torch.Tensor) -> float:
+    """Fréchet Inception Distance between generated features (N1, D) and real ones (N2, D), by
+    torchmetrics' ``FrechetInceptionDistance`` in float64 (the distance is symmetric)."""
+    _check_pair(features1, features2)
+    from torchmetrics.image.fid import FrechetInceptionDistance  # takes seconds to import
+
+    # sync_on_compute=False: rank 0 scores alone inside a DDP job, and a metric that gathered its
+    # state from every rank would wait forever for the others.
+    metric = FrechetInceptionDistance(
+        feature=_GivenFeatures(features1.shape[1]), sync_on_compute=False
+    )
+    metric.update(features2, real=True)
+    metric.update(features1, real=False)
+    return metric.compute().item()
 
 
 def kid_from_features(
@@ -201,19 +185,17 @@ def kid_from_features(
     features2: torch.Tensor,
     subsets: int = 100,
     subset_size: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> tuple[float, float]:
-    """Kernel Inception Distance: mean and std of the unbiased polynomial MMD^2 over subsets.
+    """Kernel Inception Distance between generated features (N1, D) and real ones (N2, D): mean
+    and population std of the unbiased MMD^2 with the kernel (a.b / D + 1)^3 over ``subsets``
+    draws, by torchmetrics' ``KernelInceptionDistance`` in float64.
 
-    Each subset draws ``subset_size`` samples without replacement from each set (default:
-    min(1000, N1, N2)). Without a ``generator`` a fixed seed (0) is used, so repeated calls agree.
+    Each draw takes ``subset_size`` samples without replacement from each set (default
+    min(1000, N1, N2)) from the random stream seeded with ``seed``, so repeated calls agree; the
+    caller's stream is left as it was.
     """
-    _check_features(features1, "features1")
-    _check_features(features2, "features2")
-    if features1.shape[1] != features2.shape[1]:
-        raise ValueError(
-            f"features1 has dimension {features1.shape[1]}, features2 {features2.shape[1]}"
-        )
+    _check_pair(features1, features2)
     n1, n2 = features1.shape[0], features2.shape[0]
     if subsets < 1:
         raise ValueError(f"subsets: must be >= 1, got {subsets}")
@@ -223,73 +205,149 @@ def kid_from_features(
         raise ValueError(
             f"subset_size: must lie in 2..{min(n1, n2)} (the set sizes), got {subset_size}"
         )
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    x, y = features1.double().cpu(), features2.double().cpu()
-    mmds = torch.empty(subsets, dtype=torch.float64)
-    for i in range(subsets):
-        idx1 = torch.randperm(n1, generator=generator)[:subset_size]
-        idx2 = torch.randperm(n2, generator=generator)[:subset_size]
-        mmds[i] = _polynomial_mmd2(x[idx1], y[idx2])
-    # Population std, as torch-fidelity reports it.
-    return mmds.mean().item(), mmds.std(unbiased=False).item()
+    from torchmetrics.image.kid import KernelInceptionDistance  # takes seconds to import
+
+    with warnings.catch_warnings():
+        # It warns that it keeps every feature; here they are in memory already.
+        warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save")
+        metric = KernelInceptionDistance(
+            feature=_GivenFeatures(features1.shape[1]),
+            subsets=subsets,
+            subset_size=subset_size,
+            sync_on_compute=False,  # as in fid_from_features
+        )
+    metric.update(features2, real=True)
+    metric.update(features1, real=False)
+    # torchmetrics draws its subsets from the global CPU generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return mean.item(), std.item()
 
 
 # ---------------------------------------------------------------------------------------------
 # Feature extraction
 # ---------------------------------------------------------------------------------------------
 
+FID_INCEPTION = "FID Inception v3 (TensorFlow 2015-12-05)"
+TORCHVISION_INCEPTION = "torchvision Inception v3"
+# Where torchmetrics and torch-fidelity download the FID network's weights by default: the
+# 2015-12-05 weights that pytorch-fid ships as pt_inception-2015-12-05-6726825d.pth.
+FID_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+# The two networks have the same parameter names; the TensorFlow graph classifies into 1008
+# classes, torchvision's into ImageNet's 1000.
+_NETWORK_OF_CLASSES = {1008: FID_INCEPTION, 1000: TORCHVISION_INCEPTION}
+
+
+def inception_network(state_dict: object, source: str) -> str:
+    """Which Inception v3 a state dict holds (``FID_INCEPTION`` or ``TORCHVISION_INCEPTION``),
+    told by its classifier; raises ``ValueError`` naming ``source`` for anything else."""
+    fc = state_dict.get("fc.weight") if isinstance(state_dict, dict) else None
+    if not isinstance(fc, torch.Tensor) or fc.dim() != 2 or fc.shape[1] != 2048:
+        found = "no 'fc.weight'" if not isinstance(fc, torch.Tensor) else tuple(fc.shape)
+        what = "a dict" if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(
+            f"{source}: not an Inception v3 state dict ({what} with {found}; expected "
+            "'fc.weight' of shape (1008, 2048), as in pt_inception-2015-12-05-*.pth, or "
+            "(1000, 2048), as in torchvision's inception_v3)"
+        )
+    if fc.shape[0] not in _NETWORK_OF_CLASSES:
+        raise ValueError(
+            f"{source}: an Inception v3 with {fc.shape[0]} classes; expected 1008 (the FID "
+            "network, pt_inception-2015-12-05-*.pth) or 1000 (torchvision's inception_v3)"
+        )
+    return _NETWORK_OF_CLASSES[fc.shape[0]]
+
+
+def read_inception_weights(path: str | os.PathLike[str]) -> tuple[dict, str]:
+    """The state dict stored in ``path`` (loaded with ``weights_only=True``) and which network it
+    holds; ``ValueError`` naming the file when it is missing or is something else."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file (expected an Inception v3 state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a PyTorch state dict file ({reason})") from None
+    return state, inception_network(state, str(path))
+
 
 class InceptionFeatures(nn.Module):
-    """The 2048-d pool3 features of torchvision's Inception v3, for images in [-1, 1].
+    """The 2048-d pool3 features of an Inception v3, for images in [-1, 1]; the state dict
+    decides which network (``self.network``):
 
-    Weights come from ``weights_path`` (a torchvision ``inception_v3`` state dict on disk), else
-    from torchvision's download (``Inception_V3_Weights.DEFAULT``); ``pretrained=False`` keeps a
-    random init, which is only good for tests. torchvision's weights were ported from TensorFlow
-    and expect (p - 0.5) / 0.5 of [0, 1] pixels, which is what ImageNet normalisation followed by
-    torchvision's ``transform_input`` computes; images in [-1, 1] are exactly that already, so
-    they go in unchanged with ``transform_input=False``. These weights are not those of the
-    original TensorFlow FID network, so scores compare across runs of this code, not with
-    published numbers.
+    - ``FID_INCEPTION``: torch-fidelity's port of the TensorFlow 2015-12-05 graph that FID and
+      KID were defined on (``pt_inception-2015-12-05-*.pth``). Images are quantised to 8 bits as
+      saved files would be, then the net resizes them to 299 as TensorFlow 1.x did: the scores
+      compare with published ones.
+    - ``TORCHVISION_INCEPTION``: torchvision's ``inception_v3`` (ImageNet weights). Its weights
+      expect (p - 0.5) / 0.5 of [0, 1] pixels, which images in [-1, 1] already are, so they go
+      in unchanged after a bilinear resize to 299. Scores compare across runs of this code only.
+
+    The net stays in eval mode whatever ``train()`` is asked: batch norm keeps its statistics.
     """
 
-    def __init__(
-        self,
-        weights_path: str | os.PathLike[str] | None = None,
-        pretrained: bool = True,
-        resize_to: int = 299,
-    ) -> None:
+    def __init__(self, state_dict: dict, source: str = "state dict") -> None:
         super().__init__()
-        if weights_path is not None and not pretrained:
-            raise ValueError(f"weights_path={weights_path!s} given with pretrained=False")
-        if weights_path is not None:
-            net = inception_v3(
-                weights=None, aux_logits=False, transform_input=False, init_weights=False
-            )
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            # The auxiliary classifier is only used in training; drop it from the stored weights.
-            state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-            net.load_state_dict(state)
-        elif pretrained:
-            net = inception_v3(
-                weights=Inception_V3_Weights.DEFAULT, aux_logits=False, transform_input=False
-            )
-        else:
-            net = inception_v3(
-                weights=None, aux_logits=False, transform_input=False, init_weights=True
-            )
-        net.fc = nn.Identity()
-        self.net = net.eval()
-        self.resize_to = resize_to
+        self.network = inception_network(state_dict, source)
+        try:
+            if self.network == FID_INCEPTION:
+                from torch_fidelity.feature_extractor_inceptionv3 import (
+                    FeatureExtractorInceptionV3,
+                )
+
+                # Its constructor unpickles a file with weights_only=False; hand it the tensors,
+                # already loaded safely, serialised afresh.
+                buffer = io.BytesIO()
+                torch.save(state_dict, buffer)
+                buffer.seek(0)
+                net = FeatureExtractorInceptionV3(
+                    "inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer
+                )
+            else:
+                net = inception_v3(
+                    weights=None, aux_logits=False, transform_input=False, init_weights=False
+                )
+                # The auxiliary classifier is only used in training.
+                net.load_state_dict(
+                    {k: v for k, v in state_dict.items() if not k.startswith("AuxLogits.")}
+                )
+                net.fc = nn.Identity()
+        except RuntimeError as exc:  # missing, unexpected or misshapen tensors
+            reason = str(exc).strip().splitlines()
+            raise ValueError(
+                f"{source}: does not fit {self.network}: {' '.join(reason[:2])[:500]}"
+            ) from None
+        self.net = net.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> InceptionFeatures:
+        return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, 2048) features."""
         _check_images(images, "images")
-        if images.shape[-2:] != (self.resize_to, self.resize_to):
-            images = F.interpolate(
-                images, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False
-            )
+        if self.network == FID_INCEPTION:
+            # Rounded: p / 127.5 - 1 and back lands a hair below p for some pixels.
+            pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return self.net(pixels)[0]
+        if images.shape[-2:] != (299, 299):
+            images = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         return self.net(images)
+
+
+def load_inception(weights_path: str | os.PathLike[str] | None = None) -> InceptionFeatures:
+    """:class:`InceptionFeatures` from a state dict file, or without one the FID network's
+    weights from ``FID_WEIGHTS_URL`` (downloaded once into torch hub's cache)."""
+    if weights_path is not None:
+        state, _ = read_inception_weights(weights_path)
+        return InceptionFeatures(state, str(weights_path))
+    state = torch.hub.load_state_dict_from_url(
+        FID_WEIGHTS_URL, map_location="cpu", progress=False, weights_only=True
+    )
+    return InceptionFeatures(state, FID_WEIGHTS_URL)
 
 
 def _batches(images: Iterable[torch.Tensor], name: str) -> Iterator[torch.Tensor]:
@@ -322,8 +380,10 @@ def extract_features(
     images: Iterable[torch.Tensor],
     device: torch.device | str,
     generator: nn.Module | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
-    """Features (N, D) on CPU of all image batches, first translated by ``generator`` if given."""
+    """Features (N, D) on CPU of all image batches, first translated by ``generator`` if given;
+    ``progress`` is called with the size of each batch done."""
     modules = (extractor,) if generator is None else (extractor, generator)
     chunks = []
     with _EvalMode(*modules):
@@ -338,6 +398,8 @@ def extract_features(
                     f"got {tuple(features.shape)}"
                 )
             chunks.append(features.float().cpu())
+            if progress is not None:
+                progress(batch.shape[0])
     if not chunks:
         raise ValueError("images: no batches")
     return torch.cat(chunks)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.progress import progress_bar
 from pipeline.scenes import PALETTE
 from pipeline.scoring import (
     default_extractor,
@@ -41,14 +42,18 @@ def evaluate(
     out_dir: str | None = None,
     gallery_rows: int = GALLERY_ROWS,
     description: dict | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Score ``generators`` (``{"AtoB": G_A, "BtoA": G_B}``, either may be missing) on the
     ``split`` of ``data_uri``; paired scores where the manifest says ``paired_test`` and the
     split is test, FID/KID otherwise (``extractor`` maps [-1, 1] images to (N, D) features;
-    default Inception v3). With ``out_dir``, writes metrics.json, the galleries and index.html.
+    default: the Inception network of ``fid_weights``, see ``default_extractor``). With
+    ``out_dir``, writes metrics.json, the galleries and index.html. ``progress``: a bar over the
+    images of the passes on stderr (None: only when stderr is a terminal).
 
     Returns the metrics.json content: ``mode``, ``metrics``, ``images``, ``size``, ``split``,
-    ``data`` and whatever ``description`` adds (model, step, ...).
+    ``data``, for FID/KID ``fid_network`` (the extractor's ``network``, else its class name),
+    and whatever ``description`` adds (model, step, ...).
     """
     # Long on purpose: mostly the signature and its documentation; the body is four named steps.
     if not generators:
@@ -59,25 +64,33 @@ def evaluate(
         raise ValueError(f"--limit: must be >= 1, got {limit}")
     manifest = read_manifest(data_uri)
     start = time.monotonic()
+    facts = {}
     if split == "test" and manifest.paired_test:
         mode = "paired"
         pairs = read_pairs(manifest, split, limit)
-        metrics, galleries = paired_pass(
-            generators.get("AtoB"),
-            generators.get("BtoA"),
-            pair_batches(pairs, size, batch_size),
-            torch.as_tensor(PALETTE),
-            gallery_rows,
-        )
+        with progress_bar("evaluate", len(pairs), progress) as bar:
+            metrics, galleries = paired_pass(
+                generators.get("AtoB"),
+                generators.get("BtoA"),
+                pair_batches(pairs, size, batch_size),
+                torch.as_tensor(PALETTE),
+                gallery_rows,
+                bar.update,
+            )
         counts = {"A": len(pairs), "B": len(pairs)}
     else:
         mode = "unpaired"
         rows = {d: read_split(manifest, f"{split}{d}", limit) for d in ("A", "B")}
         extractor = extractor if extractor is not None else default_extractor(fid_weights)
-        metrics, galleries = unpaired_scores(
-            generators, rows, extractor, size, batch_size, gallery_rows
-        )
+        facts["fid_network"] = getattr(extractor, "network", type(extractor).__name__)
         counts = {d: len(r) for d, r in rows.items()}
+        # Each direction reads both domains: its source to translate, its target as the real set.
+        with progress_bar(
+            "evaluate", len(generators) * (counts["A"] + counts["B"]), progress
+        ) as bar:
+            metrics, galleries = unpaired_scores(
+                generators, rows, extractor, size, batch_size, gallery_rows, bar.update
+            )
     result = {
         **(description or {}),
         "data": data_uri,
@@ -85,6 +98,7 @@ def evaluate(
         "mode": mode,
         "size": size,
         "images": counts,
+        **facts,
         "seconds": round(time.monotonic() - start, 3),
         "metrics": metrics,
     }
@@ -127,7 +141,7 @@ def render_html(result: dict, images: list[tuple[str, str, list[str]]]) -> str:
     )
     facts = ", ".join(
         f"{k}: {esc(str(result[k]))}"
-        for k in ("model", "step", "data", "split", "mode", "size")
+        for k in ("model", "step", "data", "split", "mode", "size", "fid_network")
         if result.get(k) is not None
     )
     sections = "\n".join(

@@ -86,12 +86,22 @@ def public_config(cfg: Config) -> dict:
 
 
 def check_fid_weights(cfg: Config) -> None:
+    """A ``train.fid_weights`` file must hold an Inception v3 the evaluation can use: found
+    before training starts, not at its first evaluation."""
+    from cyclegan.metrics import read_inception_weights
+
     weights = cfg.train.fid_weights
-    if weights and weights != "download" and not os.path.isfile(weights):
+    if not weights or weights == "download":
+        return
+    if not os.path.isfile(weights):
         raise ValueError(
-            f"train.fid_weights: {weights} is not a file (an inception_v3 state dict, or "
-            "'download' for torchvision's weights)"
+            f"train.fid_weights: {weights} is not a file (pt_inception-2015-12-05-*.pth, "
+            "a torchvision inception_v3 state dict, or 'download' for the FID network's weights)"
         )
+    try:
+        read_inception_weights(weights)
+    except ValueError as exc:
+        raise ValueError(f"train.fid_weights: {exc}") from None
 
 
 def resolve(cfg: Config) -> RunPlan:

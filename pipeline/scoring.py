@@ -4,29 +4,32 @@ the training worker's periodic evaluation.
 Paired data (the built-in scenes): photo->labels (B->A) as ``per_pixel_acc``,
 ``per_class_acc`` and ``class_iou`` after mapping each output pixel to the nearest palette
 colour, and labels->photo (A->B) as ``l1_AtoB``. Unpaired data: ``fid_*``/``kid_*`` of each
-direction on the features of an extractor (Inception v3 by default). With both generators,
+direction (torchmetrics' FID and KID) on the features of an extractor (by default the FID
+Inception network of ``--fid-weights``, see :func:`default_extractor`). With both generators,
 ``cycle_l1_A``/``cycle_l1_B`` measure A->B->A and B->A->B. The passes take batches of NCHW
-[-1, 1] tensors, so they can be driven from memory as well as from a dataset's shards.
+[-1, 1] tensors, so they can be driven from memory as well as from a dataset's shards; each
+pass calls an optional ``progress`` with the number of images of every batch it finishes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from cyclegan.metrics import (
+    FID_WEIGHTS_URL,
     ConfusionMatrix,
-    InceptionFeatures,
     colors_to_classes,
     extract_features,
     fid_from_features,
     kid_from_features,
     l1_distance,
     label_scores,
+    load_inception,
 )
 from cyclegan.train_step import unwrap
 from cyclegan.transforms import image_grid, to_input
@@ -36,6 +39,7 @@ from pipeline.scenes import PALETTE
 from pipeline.shards import Manifest, read_manifest
 
 KID_SUBSETS = 100
+Progress = Callable[[int], object]
 COLUMNS = ("input", "output", "reconstruction", "ground truth")
 PAIRED_METRICS = ("per_pixel_acc", "per_class_acc", "class_iou", "l1_AtoB", "cycle_l1_A",
                   "cycle_l1_B")  # fmt: skip
@@ -199,6 +203,7 @@ def paired_pass(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     palette: torch.Tensor,
     gallery_rows: int = 0,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, float], dict[str, Gallery]]:
     """Paired scores (see :func:`paired_scores`) of ``batches`` of (A as input, A as ground
     truth, B), with the galleries of both directions; ``palette`` is (K, 3) in 0..255."""
@@ -229,6 +234,8 @@ def paired_pass(
                 if rec_a is not None:
                     cyc_a.add(rec_a, a_in)
                 galleries["AtoB"].add(a_in, fake_b, rec_a, b)
+            if progress is not None:
+                progress(len(b))
     scores: dict[str, float] = {}
     if G_BtoA is not None:
         scores.update(label_scores(confusion))
@@ -244,12 +251,14 @@ def unpaired_pass(
     images: dict[str, Iterable[torch.Tensor]],
     extractor: nn.Module,
     gallery_rows: int = 0,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, float], dict[str, Gallery]]:
     """FID and KID of each generator's translations of its source domain against the real
     images of the target domain, plus cycle L1 where the other generator is given.
 
     ``generators``: ``{"AtoB": G, "BtoA": G}`` (either may be missing); ``images``:
     ``{"A": batches, "B": batches}``, each iterable more than once (a list, ``ImageBatches``).
+    Each direction reads its source and its target domain once.
     """
     generators = {d: unwrap(g) for d, g in generators.items()}
     device = _device(*generators.values())
@@ -269,8 +278,10 @@ def unpaired_pass(
                 if rec is not None:
                     cycle.add(rec, x)
                 gallery.add(x, fake, rec)
+                if progress is not None:
+                    progress(len(x))
             fake_features = torch.cat(chunks)
-            real_features = extract_features(extractor, images[target], device)
+            real_features = extract_features(extractor, images[target], device, None, progress)
             n = min(len(fake_features), len(real_features))
             kid, kid_std = kid_from_features(
                 fake_features, real_features, subsets=KID_SUBSETS, subset_size=min(1000, n)
@@ -313,6 +324,7 @@ def unpaired_scores(
     size: int | None,
     batch_size: int,
     gallery_rows: int = 0,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, float], dict[str, Gallery]]:
     """:func:`unpaired_pass` on encoded images (``rows``: ``{"A": [...], "B": [...]}``),
     resized to ``size`` x ``size`` (None: as stored)."""
@@ -320,7 +332,7 @@ def unpaired_scores(
         if len(domain_rows) < 2:
             raise ValueError(f"FID/KID need at least 2 images of domain {domain}, got 1")
     images = {d: ImageBatches(r, size, batch_size) for d, r in rows.items()}
-    return unpaired_pass(generators, images, extractor, gallery_rows)
+    return unpaired_pass(generators, images, extractor, gallery_rows, progress)
 
 
 def unpaired_eval_scores(
@@ -342,12 +354,17 @@ def unpaired_eval_scores(
 
 
 def default_extractor(fid_weights: str | None) -> nn.Module:
-    """Inception features from ``fid_weights``, else torchvision's download (clear error)."""
+    """The Inception network of FID/KID (``.network`` says which) from the state dict file
+    ``fid_weights``: the FID network's ``pt_inception-2015-12-05-*.pth`` (scores comparable
+    with published ones) or a torchvision ``inception_v3`` state dict. Without a file, the FID
+    network's weights are downloaded once into torch hub's cache. Raises ``RuntimeError``
+    naming the file (or the download) and ``--fid-weights``."""
     try:
-        return InceptionFeatures(weights_path=fid_weights)
+        return load_inception(fid_weights)
     except Exception as exc:
-        where = fid_weights or "torchvision's download of Inception_V3_Weights.DEFAULT"
+        where = "" if fid_weights else f" (downloading {FID_WEIGHTS_URL} failed)"
         raise RuntimeError(
-            f"FID/KID need Inception v3 weights and {where} could not be loaded ({exc}); "
-            "pass --fid-weights PATH, a torchvision inception_v3 state dict"
+            f"FID/KID need Inception v3 weights{where}: {exc}; pass --fid-weights PATH "
+            "(train.fid_weights in training): pt_inception-2015-12-05-6726825d.pth for scores "
+            "comparable with published ones, or a torchvision inception_v3 state dict"
         ) from None

@@ -19,6 +19,7 @@ from torch import nn
 
 from cyclegan.checkpoint import save_checkpoint
 from cyclegan.config import AugmentConfig
+from cyclegan.metrics import FID_INCEPTION, TORCHVISION_INCEPTION
 from cyclegan.networks import ResnetGenerator
 from cyclegan.transforms import (
     eval_size,
@@ -28,13 +29,16 @@ from cyclegan.transforms import (
     resize_for_load,
     to_input,
 )
+from pipeline import config as C
 from pipeline.eval_report import evaluate
 from pipeline.evaluate import main
 from pipeline.images import decode_image, decode_resized, encode_image
+from pipeline.plan import check_fid_weights
 from pipeline.scenes import PALETTE, render_scene, scene_index, write_scenes
 from pipeline.scoring import (
     UNPAIRED_METRICS,
     ImageBatches,
+    default_extractor,
     paired_pass,
     paired_scores,
     read_pairs,
@@ -44,6 +48,7 @@ from pipeline.scoring import (
 from pipeline.shards import read_manifest
 from tests.ray_fixtures import unpaired_copy
 from tests.test_export import write_run
+from tests.test_metrics import fid_inception_file
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, TEST = 32, 4
@@ -194,6 +199,19 @@ def test_unpaired_pass_identity_gives_zero_fid_and_restores_modes():
     assert shifted["fid_AtoB"] > 1e-3 and shifted["kid_AtoB"] > scores["kid_AtoB"]
 
 
+def test_passes_report_every_image_they_finish():
+    images = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(15)) * 2 - 1
+    batches = list(images.split(4))
+    done: list[int] = []
+    nets = {"AtoB": nn.Identity(), "BtoA": Shift(0.1)}
+    unpaired_pass(nets, {"A": batches, "B": batches}, small_extractor(), progress=done.append)
+    # Each direction: its source translated, then its target as the real set.
+    assert done == [4, 4, 2] * 4
+    done.clear()
+    paired_pass(nn.Identity(), nn.Identity(), [(x, x, x) for x in batches], LABELS, 0, done.append)
+    assert done == [4, 4, 2]
+
+
 def test_unpaired_scores_decode_each_pass_and_need_two_images(unpaired):
     manifest = read_manifest(unpaired)
     rows = [(k, b) for k, _, b in read_pairs(manifest, "test", None)]
@@ -302,12 +320,71 @@ def test_unpaired_data_gets_fid_and_kid(unpaired, tmp_path):
     assert "fid_BtoA" not in same["metrics"] and "cycle_l1_A" not in same["metrics"]
     gallery = Image.open(tmp_path / "gallery_AtoB.png")
     assert gallery.size == (3 * 16, TEST * 16)  # input | output | reconstruction
+    # Which network made the features is part of the report.
+    assert result["fid_network"] == "Sequential"
+    assert json.loads((tmp_path / "metrics.json").read_text())["fid_network"] == "Sequential"
+    assert "fid_network: Sequential" in (tmp_path / "index.html").read_text()
+    named = small_extractor()
+    named.network = "a named net"
+    assert (
+        evaluate({"AtoB": nn.Identity()}, unpaired, size=16, extractor=named)["fid_network"]
+        == "a named net"
+    )
+
+
+def test_progress_bar_on_stderr_only_when_asked(scenes, unpaired, capsys):
+    nets = {"AtoB": nn.Identity(), "BtoA": Shift(0.1)}
+    kwargs = {"size": 16, "extractor": small_extractor(), "batch_size": 3}
+    # Not asked and stderr is no terminal (captured here, as in a log file): nothing at all.
+    quiet = evaluate(nets, unpaired, **kwargs)
+    assert evaluate(nets, unpaired, progress=False, **kwargs)["metrics"] == quiet["metrics"]
+    assert capsys.readouterr().err == ""
+    shown = evaluate(nets, unpaired, progress=True, **kwargs)
+    err = capsys.readouterr().err
+    # Two directions, each reading TEST source and TEST target images.
+    assert "evaluate" in err and f"/{2 * 2 * TEST} " in err and "img" in err, err
+    assert shown["metrics"] == quiet["metrics"]
+    evaluate(nets, scenes, size=16, batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate" in err and f"/{TEST} " in err, err
 
 
 def test_fid_without_weights_names_the_flag(unpaired, tmp_path):
     nets = {"AtoB": ResnetGenerator(3, 3, 4, 1)}
-    with pytest.raises(RuntimeError, match="--fid-weights"):
+    with pytest.raises(RuntimeError, match=r"missing\.pth: no such file.*--fid-weights"):
         evaluate(nets, unpaired, fid_weights=str(tmp_path / "missing.pth"))
+    torch.save(ResnetGenerator(3, 3, 4, 1).state_dict(), tmp_path / "G.pth")
+    with pytest.raises(
+        RuntimeError, match=r"G\.pth: not an Inception v3 state dict.*--fid-weights"
+    ):
+        default_extractor(str(tmp_path / "G.pth"))
+
+
+def test_default_extractor_says_which_network_a_file_holds(tmp_path):
+    assert default_extractor(str(fid_inception_file(tmp_path))).network == FID_INCEPTION
+    torch.save(torchvision_inception().state_dict(), tmp_path / "inception_v3.pth")
+    assert default_extractor(str(tmp_path / "inception_v3.pth")).network == TORCHVISION_INCEPTION
+
+
+def torchvision_inception() -> nn.Module:
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    return inception_v3(weights=None, aux_logits=False, init_weights=False)
+
+
+def test_check_fid_weights_reads_the_file_before_training(tmp_path):
+    def check(weights: str) -> None:
+        check_fid_weights(C.merge(C.tiny(), {"train": {"fid_weights": weights}}))
+
+    check("")
+    check("download")
+    check(str(fid_inception_file(tmp_path)))
+    with pytest.raises(ValueError, match=r"train\.fid_weights: .*none\.pth is not a file"):
+        check(str(tmp_path / "none.pth"))
+    torch.save(ResnetGenerator(3, 3, 4, 1).state_dict(), tmp_path / "G.pth")
+    with pytest.raises(ValueError, match=r"train\.fid_weights: .*G\.pth: not an Inception v3"):
+        check(str(tmp_path / "G.pth"))
 
 
 def mlflow_run(tracking_uri: str, artifacts: Path) -> str:
