@@ -1,9 +1,17 @@
-"""Storage URIs: local paths, ``file://``, ``s3://`` and ``gs://``, resolved to pyarrow filesystems.
+"""Storage URIs: local paths, ``file://``, ``s3://``, ``gs://`` and any fsspec filesystem
+(``hf://``, ``abfs://``, ``memory://``, ...), resolved to pyarrow filesystems.
 
 Every other module goes through :func:`resolve`, so endpoints, regions, credentials and timeouts
 are decided here once. S3-compatible servers (MinIO, moto) are reached through
 ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; keys come from ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN`` when set, else from pyarrow's default chain.
+The S3 region comes from ``AWS_REGION``, ``AWS_DEFAULT_REGION``, then the ``region`` of the
+profile (``AWS_PROFILE``, else ``default``) in the AWS config file (``AWS_CONFIG_FILE``, else
+``~/.aws/config``), else ``us-east-1``; a custom endpoint takes only the variables.
+
+Other schemes go to the fsspec filesystem registered for them (``hf://`` needs
+``huggingface_hub``, ``abfs://`` needs ``adlfs``, ...), wrapped for pyarrow. Its credentials come
+from the URI, fsspec's configuration or the package's own defaults (environment, token files).
 
 Secrets never leave this module in text: :class:`StorageError` messages and anything passed
 through :func:`redact` have secret values replaced by ``***``.
@@ -11,6 +19,7 @@ through :func:`redact` have secret values replaced by ``***``.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
 import posixpath
@@ -23,7 +32,9 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-REMOTE_SCHEMES = ("s3", "gs", "gcs")
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+"""Object stores with buckets, reached through pyarrow's own filesystems."""
+LOCAL_SCHEMES = ("", "file")
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "CYCLEGAN_S3_")
 
 CONNECT_TIMEOUT_S = 5.0
@@ -37,6 +48,9 @@ ATTEMPTS_ENV = "CYCLEGAN_S3_MAX_ATTEMPTS"
 FAIL_FAST_ATTEMPTS = 3
 GCS_RETRY_LIMIT = timedelta(seconds=15)
 
+DEFAULT_REGION = "us-east-1"
+DEFAULT_AWS_CONFIG = "~/.aws/config"
+
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", *SECRET_ENV_VARS)
 """Never forwarded to Ray: a key id without its secret would only break the default chain."""
@@ -44,6 +58,11 @@ _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL_KEY)", re.I
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)((?:secret[_-]?(?:access[_-]?)?key|session[_-]?token|password|x-amz-security-token)"
     r"[\"']?\s*[=:]\s*[\"']?)([^\s\"',;&]+)"
+)
+# Names of fsspec options that may hold a credential; they are never pickled.
+_CREDENTIAL_OPTION = re.compile(
+    r"(secret|token|password|passwd|key|credential|sas|connection_string|auth|cert)",
+    re.IGNORECASE,
 )
 _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(@)", re.IGNORECASE)
 
@@ -127,8 +146,9 @@ def _scheme(uri: str) -> str:
 
 
 def is_remote(uri: str) -> bool:
-    """Whether ``uri`` names object storage (``s3://``, ``gs://``) rather than a local path."""
-    return _scheme(uri) in REMOTE_SCHEMES
+    """Whether ``uri`` names storage other than a local path or ``file://`` (object storage,
+    an fsspec filesystem)."""
+    return _scheme(uri) not in LOCAL_SCHEMES
 
 
 def join(uri: str, *parts: str) -> str:
@@ -200,7 +220,7 @@ def s3_filesystem(
     env = dict(os.environ if env is None else env)
     endpoint, scheme = _endpoint(env)
     kwargs: dict = {
-        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": s3_region(env, custom_endpoint=bool(endpoint)),
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": REQUEST_TIMEOUT_S,
         # Small objects (the manifest) then go up as one PUT instead of a multipart upload.
@@ -211,6 +231,45 @@ def s3_filesystem(
         kwargs["scheme"] = scheme
     kwargs.update(_credentials(env))
     return RetryingS3FileSystem(FAIL_FAST_ATTEMPTS if fail_fast else max_attempts(env), **kwargs)
+
+
+def s3_region(env: dict[str, str], custom_endpoint: bool = False) -> str:
+    """The S3 region of the user's AWS configuration: ``AWS_REGION``, ``AWS_DEFAULT_REGION``,
+    then (unless ``custom_endpoint``) the profile's ``region`` in the AWS config file, else
+    us-east-1.
+
+    Decided here, once, rather than left to pyarrow: the region travels with the filesystem to
+    every Ray worker, and no EC2 metadata lookup delays a machine outside AWS."""
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    if not custom_endpoint:
+        region = _profile_region(env)
+    return region or DEFAULT_REGION
+
+
+def _profile_region(env: dict[str, str]) -> str | None:
+    """The ``region`` of the profile ``AWS_PROFILE`` (else ``default``) in the AWS config file
+    (``AWS_CONFIG_FILE``, else ``~/.aws/config``), read as the AWS CLI reads it; None if the
+    file, the profile or its region is absent."""
+    path = os.path.expanduser(env.get("AWS_CONFIG_FILE") or DEFAULT_AWS_CONFIG)
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    parser = configparser.RawConfigParser()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, source=path)
+    except FileNotFoundError:
+        return None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise StorageError(path, "invalid", f"the AWS config file cannot be read: {exc}") from None
+    except OSError as exc:
+        raise wrap_error(path, exc, "read the AWS config file") from None
+    # Named profiles are "[profile NAME]" sections; the default one is "[default]".
+    sections = [f"profile {profile}"] + (["default"] if profile == "default" else [])
+    for section in sections:
+        if parser.has_option(section, "region"):
+            return parser.get(section, "region").strip() or None
+    return None
 
 
 def _credentials(env) -> dict[str, str]:
@@ -235,12 +294,78 @@ def gcs_filesystem(env: dict[str, str] | None = None) -> pafs.GcsFileSystem:
     return pafs.GcsFileSystem(**kwargs)
 
 
+class FsspecHandler(pafs.FSSpecHandler):
+    """pyarrow's handler for an fsspec filesystem, pickled (for Ray tasks and actors, whose
+    specs Ray keeps and shows) as its scheme and the options its URI gave, less any that may
+    hold a credential: the receiving node builds the filesystem again with its own
+    credentials and fsspec configuration."""
+
+    def __init__(self, fs, scheme: str, options: dict) -> None:
+        super().__init__(fs)
+        self.scheme, self.options = scheme, options
+
+    def __reduce__(self):
+        public = {k: v for k, v in self.options.items() if not _CREDENTIAL_OPTION.search(k)}
+        return (_rebuild_fsspec_handler, (self.scheme, public))
+
+
+def _rebuild_fsspec_handler(scheme: str, options: dict) -> FsspecHandler:
+    import fsspec
+
+    return FsspecHandler(fsspec.get_filesystem_class(scheme)(**options), scheme, options)
+
+
+def _fsspec_package(scheme: str) -> tuple[str, str]:
+    """(package, fsspec's install hint) for a scheme fsspec knows of but cannot import."""
+    from fsspec.registry import known_implementations
+
+    known = known_implementations.get(scheme, {})
+    return known.get("class", "").split(".")[0], known.get("err", "")
+
+
+def fsspec_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The fsspec filesystem registered for the scheme of ``uri``, wrapped for pyarrow, and
+    the path to use with it. Raises :class:`StorageError` for a scheme no installed package
+    provides, naming the package that would where fsspec knows it."""
+    scheme = _scheme(uri)
+    try:
+        import fsspec
+    except ImportError:
+        raise StorageError(
+            uri, "invalid", f"unsupported scheme {scheme!r}; install fsspec for other filesystems"
+        ) from None
+    try:
+        cls = fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise StorageError(
+            uri,
+            "invalid",
+            f"unsupported scheme {scheme!r}; use a local path, file://, s3://, gs:// or the "
+            "scheme of an installed fsspec filesystem (hf://, abfs://, ...)",
+        ) from None
+    except ImportError as exc:
+        package, hint = _fsspec_package(scheme)
+        detail = f"{scheme}:// needs a package that is not installed: {hint or exc}"
+        if package and package != "fsspec":
+            detail += f" (pip install {package})"
+        raise StorageError(uri, "invalid", detail) from None
+    # As fsspec.core.url_to_fs does, keeping the URI's own options apart from those fsspec's
+    # configuration adds, so only the former are pickled.
+    try:
+        options = cls._get_kwargs_from_urls(uri)
+        fs = cls(**options)
+        path = cls._strip_protocol(uri)
+    except Exception as exc:
+        raise wrap_error(uri, exc, f"open the {scheme}:// filesystem") from None
+    return pafs.PyFileSystem(FsspecHandler(fs, scheme, options)), path
+
+
 def resolve(uri: str, fail_fast: bool = False) -> tuple[pafs.FileSystem, str]:
     """The filesystem holding ``uri`` and the path to use with it.
 
     Local paths and ``file://`` give an absolute local path; ``s3://bucket/prefix`` and
     ``gs://bucket/prefix`` give ``bucket/prefix``. Object stores retry through short outages
-    unless ``fail_fast``.
+    unless ``fail_fast``. Any other scheme goes to fsspec (see :func:`fsspec_filesystem`).
     """
     uri = str(uri)
     scheme = _scheme(uri)
@@ -251,7 +376,7 @@ def resolve(uri: str, fail_fast: bool = False) -> tuple[pafs.FileSystem, str]:
         if parsed.netloc not in ("", "localhost"):
             raise StorageError(uri, "invalid", "file:// URIs must name a local absolute path")
         return pafs.LocalFileSystem(), os.path.abspath(parsed.path)
-    if scheme in REMOTE_SCHEMES:
+    if scheme in BUCKET_SCHEMES:
         if not parsed.netloc:
             raise StorageError(
                 uri, "invalid", f"no bucket in the URI; expected {scheme}://BUCKET/..."
@@ -259,9 +384,7 @@ def resolve(uri: str, fail_fast: bool = False) -> tuple[pafs.FileSystem, str]:
         path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
         filesystem = s3_filesystem(fail_fast=fail_fast) if scheme == "s3" else gcs_filesystem()
         return filesystem, path
-    raise StorageError(
-        uri, "invalid", f"unsupported scheme {scheme!r}; use a local path, file://, s3:// or gs://"
-    )
+    return fsspec_filesystem(uri)
 
 
 def error_kind(exc: BaseException) -> str:
@@ -296,12 +419,12 @@ def _bucket_of(path: str) -> str:
 def check_access(uri: str, write: bool) -> None:
     """Fail fast, with a :class:`StorageError`, unless ``uri`` can be read (or written).
 
-    Reading needs the path to exist. Writing needs its bucket (remote) or the nearest existing
-    parent directory (local) to accept a small probe file, which is removed again.
+    Reading needs the path to exist. Writing needs the bucket to exist (object stores) and the
+    folder to accept a small probe file, which is removed again.
     """
     filesystem, path = resolve(uri, fail_fast=True)
     try:
-        if is_remote(uri):
+        if _scheme(uri) in BUCKET_SCHEMES:
             bucket = _bucket_of(path)
             if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise StorageError(uri, "no_bucket", f"bucket {bucket!r} not found")

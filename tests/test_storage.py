@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import io
 import os
+import pickle
+import subprocess
+import sys
 import time
+import uuid
 
+import fsspec
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import known_implementations
+from fsspec.utils import infer_storage_options
+from PIL import Image
 
 from pipeline import storage
 from tests.conftest import free_port, set_s3_env
@@ -49,10 +62,11 @@ def test_resolve_s3_takes_endpoint_region_and_keys_from_env(monkeypatch):
     assert settings["region"] == "us-west-2"
 
 
-def test_resolve_s3_defaults_to_us_east_1_and_the_sdk_chain(monkeypatch):
+def test_resolve_s3_defaults_to_us_east_1_and_the_sdk_chain(monkeypatch, tmp_path):
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/config either
     settings = _s3_settings(storage.resolve("s3://bucket/x")[0])
     assert settings["region"] == "us-east-1"
     assert settings["access_key"] is None and settings["endpoint_override"] == ""
@@ -61,8 +75,8 @@ def test_resolve_s3_defaults_to_us_east_1_and_the_sdk_chain(monkeypatch):
 def test_resolve_gs_and_bad_uris():
     filesystem, path = storage.resolve("gs://bucket/data")
     assert isinstance(filesystem, pafs.GcsFileSystem) and path == "bucket/data"
-    with pytest.raises(storage.StorageError, match="unsupported scheme 'ftp'"):
-        storage.resolve("ftp://host/x")
+    with pytest.raises(storage.StorageError, match="unsupported scheme 'nosuch'"):
+        storage.resolve("nosuch://host/x")
     with pytest.raises(storage.StorageError, match="no bucket"):
         storage.resolve("s3:///x")
 
@@ -201,3 +215,218 @@ def test_worker_env_carries_tracking_and_mlflow_system_metrics_settings(monkeypa
     env = worker_env(preset("tiny"))
     assert env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "2"
     assert env["MLFLOW_TRACKING_URI"] and "MLFLOW_OTHER_SETTING" not in env
+
+
+# Any fsspec filesystem, through memory:// (fsspec's in-process filesystem)
+
+
+MEMORY_PREFIX = f"/test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def memory_root(request):
+    """A fresh folder on fsspec's in-process memory filesystem: yields ``(URI, path)``, e.g.
+    ``("memory://test-1a2b3c4d/name", "/test-1a2b3c4d/name")``."""
+    path = f"{MEMORY_PREFIX}/{request.node.name}"
+    yield f"memory:/{path}", path
+    memory = fsspec.filesystem("memory")
+    if memory.exists(path):
+        memory.rm(path, recursive=True)
+
+
+def test_resolve_memory_uris_through_fsspec(memory_root):
+    uri, base = memory_root
+    filesystem, path = storage.resolve(f"{uri}/a/b.txt")
+    assert isinstance(filesystem, pafs.PyFileSystem) and path == f"{base}/a/b.txt"
+    filesystem.create_dir(f"{base}/a", recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(b"written through pyarrow")
+    assert fsspec.filesystem("memory").cat(path) == b"written through pyarrow"
+    assert storage.is_remote(uri) and storage.is_remote("hf://datasets/user/repo")
+    assert storage.join(uri, "trainA", "x.png") == f"{uri}/trainA/x.png"
+
+    with pytest.raises(storage.StorageError) as missing:
+        storage.check_access(f"{uri}/nothing", write=False)
+    assert missing.value.kind == "missing" and f"{uri}/nothing" in str(missing.value)
+    storage.check_access(f"{uri}/out", write=True)
+    assert fsspec.filesystem("memory").find(base) == [path], "the write probe is gone"
+
+
+def test_prepare_from_a_memory_folder_and_read_the_shards_back(memory_root):
+    from pipeline.image_import import prepare
+    from pipeline.shards import read_manifest
+
+    uri, base = memory_root
+    memory = fsspec.filesystem("memory")
+    source = f"{base}/images"
+    written = {}
+    for split, count in (("trainA", 3), ("trainB", 2), ("testA", 1)):
+        for i in range(count):
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 8), (40 * i, 100, 7)).save(buffer, "PNG")
+            written[f"{split}/sub/{i}.png"] = buffer.getvalue()
+            memory.pipe(f"{source}/{split}/sub/{i}.png", buffer.getvalue())
+    memory.pipe(f"{source}/trainA/notes.txt", b"not an image")
+
+    summary = prepare(f"{uri}/images", f"{uri}/shards")
+    assert {n: d["count"] for n, d in summary["datasets"].items()} == {
+        "trainA": 3,
+        "trainB": 2,
+        "testA": 1,
+    }
+    manifest = read_manifest(f"{uri}/shards")
+    for split in ("trainA", "trainB", "testA"):
+        table = pq.read_table(manifest.shard_paths(split), filesystem=manifest.filesystem)
+        rows = dict(
+            zip(table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True)
+        )
+        assert rows == {k.split("/", 1)[1]: v for k, v in written.items() if k.startswith(split)}
+
+
+class PasswordMemoryFileSystem(MemoryFileSystem):
+    """fsspec's memory filesystem under a scheme whose URIs carry a user and a password, as
+    ftp:// and smb:// URIs do."""
+
+    protocol = "pwmem"
+
+    @classmethod
+    def _get_kwargs_from_urls(cls, path):
+        options = infer_storage_options(path)
+        return {k: options[k] for k in ("username", "password") if k in options}
+
+
+def test_fsspec_filesystems_go_to_ray_without_credentials(memory_root, monkeypatch):
+    """A filesystem pickled for Ray carries neither a credential from fsspec's configuration
+    nor one from its URI; the receiving node rebuilds it with its own."""
+    canary = "Canary-Fsspec-Secret-41d7"
+    monkeypatch.setitem(fsspec.config.conf, "memory", {"token": canary})
+    filesystem, path = storage.resolve(f"{memory_root[0]}/x")
+    assert filesystem.handler.fs.storage_options["token"] == canary
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(b"data")
+    data = pickle.dumps(filesystem)
+    assert canary.encode() not in data
+    monkeypatch.setitem(fsspec.config.conf, "memory", {"token": "the-node's-own"})
+    rebuilt = pickle.loads(data)
+    assert rebuilt.handler.fs.storage_options["token"] == "the-node's-own"
+    with rebuilt.open_input_stream(path) as stream:
+        assert stream.read() == b"data"
+
+    # (``fsspec.registry`` is the read-only view; the module holds the table itself.)
+    registry = importlib.import_module("fsspec.registry")
+    monkeypatch.setitem(registry._registry, "pwmem", PasswordMemoryFileSystem)
+    filesystem, _ = storage.resolve(f"pwmem://reader:{canary}@host/x")
+    assert filesystem.handler.fs.storage_options["password"] == canary
+    data = pickle.dumps(filesystem)
+    assert canary.encode() not in data
+    options = pickle.loads(data).handler.fs.storage_options
+    assert options["username"] == "reader" and "password" not in options
+
+
+def test_unknown_and_uninstalled_schemes_say_what_is_missing():
+    with pytest.raises(storage.StorageError) as unknown:
+        storage.resolve("nosuch://host/data")
+    assert unknown.value.kind == "invalid" and "nosuch://host/data" in str(unknown.value)
+    assert "unsupported scheme 'nosuch'" in str(unknown.value)
+
+    uninstalled = [
+        (scheme, spec["class"].split(".")[0])
+        for scheme, spec in known_implementations.items()
+        if not spec["class"].startswith("fsspec.")
+        and importlib.util.find_spec(spec["class"].split(".")[0]) is None
+    ]
+    if not uninstalled:
+        pytest.skip("every package fsspec knows of is installed")
+    scheme, package = uninstalled[0]
+    with pytest.raises(storage.StorageError) as missing:
+        storage.resolve(f"{scheme}://container/data")
+    message = str(missing.value)
+    assert f"{scheme}://container/data" in message and f"pip install {package}" in message
+
+
+# The S3 region
+
+
+AWS_CONFIG = """\
+[default]
+region = eu-central-1
+
+[profile work]
+region = ap-southeast-2
+s3 =
+  max_concurrent_requests = 20
+
+[profile bare]
+output = json
+"""
+
+
+def _region() -> str:
+    return _s3_settings(storage.resolve("s3://bucket/x")[0])["region"]
+
+
+def test_s3_region_comes_from_the_aws_configuration(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _region() == "us-east-1"
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "config").write_text(AWS_CONFIG)
+    assert _region() == "eu-central-1"
+    monkeypatch.setenv("AWS_PROFILE", "work")
+    assert _region() == "ap-southeast-2"
+    # The region travels with the filesystem to Ray workers.
+    rebuilt = pickle.loads(pickle.dumps(storage.resolve("s3://bucket")[0]))
+    assert rebuilt._kwargs["region"] == "ap-southeast-2"
+    for profile in ("bare", "no-such-profile"):
+        monkeypatch.setenv("AWS_PROFILE", profile)
+        assert _region() == "us-east-1"
+
+    other = tmp_path / "other-config"
+    other.write_text("[profile bare]\nregion = sa-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(other))
+    monkeypatch.setenv("AWS_PROFILE", "bare")
+    assert _region() == "sa-east-1"
+
+    # The variables win over the file, AWS_REGION over AWS_DEFAULT_REGION.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    assert _region() == "eu-west-3"
+    monkeypatch.setenv("AWS_REGION", "ca-central-1")
+    assert _region() == "ca-central-1"
+
+    # A custom endpoint (MinIO, moto) takes the variables only, else us-east-1.
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    assert _region() == "us-east-1"
+
+    other.write_text("region = nowhere\n")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    with pytest.raises(storage.StorageError) as broken:
+        storage.resolve("s3://bucket")
+    assert broken.value.kind == "invalid" and str(other) in str(broken.value)
+
+
+@pytest.mark.integration
+def test_s3_region_rule_agrees_with_the_aws_sdk(tmp_path):
+    """pyarrow's S3 (the AWS SDK) reads the same region from the profile; it reads the config
+    file once per process, so each case runs in a process of its own."""
+    config = tmp_path / "config"
+    config.write_text(AWS_CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(config), AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
+    code = (
+        "import os, pyarrow.fs as f; from pipeline import storage; "
+        "print(f.S3FileSystem().region, storage.s3_region(dict(os.environ)))"
+    )
+    for profile, expected in (("default", "eu-central-1"), ("work", "ap-southeast-2")):
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, "AWS_PROFILE": profile},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stdout.split() == [expected, expected]
