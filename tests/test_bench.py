@@ -1,18 +1,24 @@
-"""The benchmark CLI on the tiny preset (no Ray): the step benchmark end to end, and the FLOP
-count it reports."""
+"""The benchmark CLI on the tiny preset (no Ray): the step benchmark end to end, the FLOP count
+it reports, and the GPU check's refusal without CUDA and its verdicts."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.abc
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import config as C
 from pipeline.bench import train_step_flops
+from pipeline.bench.common import gpu_peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +107,132 @@ def test_flops_are_positive_and_scale_with_batch():
     one, two = train_step_flops(cfg, 1), train_step_flops(cfg, 2)
     assert one > 0
     assert 1.9 < two / one < 2.1
+
+
+# The GPU check (python -m pipeline.bench gpu): its refusal without CUDA, and its verdicts
+
+
+class RefuseRay(importlib.abc.MetaPathFinder):
+    """Refuses (and records) every import of ``ray`` or of one of its modules."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "ray":
+            self.asked.append(name)
+            raise ImportError(f"{name} is refused here")
+        return None
+
+
+@contextlib.contextmanager
+def without_ray():
+    """Ray (and the bench command's own modules, so their top-level imports run again) hidden
+    from ``sys.modules``, and every import of Ray refused; yields the refused names. Afterwards
+    every module is the one it was before."""
+    saved = dict(sys.modules)
+    for name in list(sys.modules):
+        if name.partition(".")[0] == "ray" or name.startswith("pipeline.bench"):
+            del sys.modules[name]
+    refuse = RefuseRay()
+    sys.meta_path.insert(0, refuse)
+    try:
+        yield refuse.asked
+    finally:
+        sys.meta_path.remove(refuse)
+        for name in [n for n in sys.modules if n not in saved]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        # A package's attribute names its submodule too: point those back as well.
+        for name, module in saved.items():
+            parent, _, child = name.rpartition(".")
+            if name.startswith("pipeline.bench") and parent in saved:
+                setattr(saved[parent], child, module)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA sees")
+def test_gpu_check_without_cuda_stops_at_once_without_ray(tmp_path, monkeypatch, capsys):
+    # Starting anything (a process, Ray) fails this unit test (tests/conftest.py); a temporary
+    # folder made for the runs would land in tmp_path/tmp.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    report = tmp_path / "gpu.json"
+    with without_ray() as refused:
+        cli = importlib.import_module("pipeline.bench.cli")
+        code = cli.main(["gpu", "--json", str(report)])
+        loaded = sorted(n for n in sys.modules if n.partition(".")[0] == "ray")
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and err.startswith("error:")
+    assert refused == [] and loaded == []
+    assert not report.exists() and not any((tmp_path / "tmp").iterdir())
+
+
+def test_gpu_peaks_come_from_the_device_name():
+    peaks = {
+        "NVIDIA H200": 989.0,
+        "NVIDIA H200 NVL": 835.0,
+        "NVIDIA GH200 480GB": 989.0,
+        "NVIDIA H100 80GB HBM3": 989.0,
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H100 NVL": 835.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA L40S": 362.0,
+        "NVIDIA A10G": 125.0,
+        "Tesla T4": None,
+        None: None,
+    }
+    assert {name: gpu_peak_tflops(name) for name in peaks} == peaks
+
+
+def step_result(fractions: dict[str, float | None], peak: float | None = 989.0) -> dict:
+    """A ``bench step`` result of variants at these fractions of ``peak`` (None: failed)."""
+    variants = {}
+    for name, fraction in fractions.items():
+        if fraction is None:
+            variants[name] = {"ok": False, "error": "Traceback ...\ntorch.OutOfMemoryError: CUDA"}
+            continue
+        tflops = fraction * (peak or 989.0)
+        variants[name] = {
+            "ok": True,
+            "batch_size": 16,
+            "ms_per_step": {"median": 1.0},
+            "images_per_s": {"median": 2.0},
+            "achieved_tflop_per_s": tflops,
+            "fraction_of_peak": fraction if peak else None,
+            "speedup_vs_fp32": {"median": 3.0},
+        }
+    return {"gpu": "NVIDIA H200", "gpu_bf16_peak_tflops": peak, "variants": variants}
+
+
+def test_gpu_check_judges_the_step_against_the_share_of_peak():
+    from pipeline.bench.gpu import judge_step
+
+    met = judge_step(step_result({"fp32": 0.05, "fast": 0.45}), 0.40)
+    assert met["status"] == "pass" and met["problems"] == []
+    assert met["target"]["best_variant"] == "fast" and met["target"]["met"] is True
+    assert met["variants"]["fast"]["tflop_per_s"] == pytest.approx(0.45 * 989)
+
+    missed = judge_step(step_result({"fp32": 0.05, "fast": 0.31}), 0.40)
+    assert missed["status"] == "fail" and missed["target"]["met"] is False
+    assert "fast" in missed["problems"][0] and "31.0%" in missed["problems"][0]
+    assert judge_step(step_result({"fp32": 0.05, "fast": 0.31}), 0.0)["status"] == "pass"
+
+    crashed = judge_step(step_result({"fp32": 0.05, "fast": 0.45, "big": None}), 0.40)
+    assert crashed["status"] == "fail"
+    assert crashed["problems"] == ["variant big failed: torch.OutOfMemoryError: CUDA"]
+
+    unknown = judge_step(step_result({"fp32": 0.05}, peak=None), 0.40)
+    assert unknown["status"] == "pass" and unknown["target"]["met"] is None
+    assert "not judged" in unknown["target"]["note"]
+
+
+def test_gpu_check_phases_are_checked_before_anything_runs():
+    from pipeline.bench.gpu import parse_phases
+
+    assert parse_phases("step,tests") == ("tests", "step")
+    assert parse_phases("tests,train,translate,step") == ("tests", "train", "translate", "step")
+    with pytest.raises(ValueError, match="translate"):
+        parse_phases("translate")
+    with pytest.raises(ValueError, match="choose from tests, train, translate, step"):
+        parse_phases("tests,gpu")

@@ -6,6 +6,10 @@
     python -m pipeline.bench step --preset paper --variants fp32,bf16 --threads 1 --json p.json
     python -m pipeline.bench data --load-size 286 --crop-size 256 --workers 1,2 --json data.json
     python -m pipeline.bench train --preset demo --max-steps 150 --workers 1,2 --json train.json
+    python -m pipeline.bench scaling --preset demo           # 2 gloo processes, about 15 s
+    python -m pipeline.bench scaling --preset paper --cloud  # the expected curve on GPU nodes
+    python -m pipeline.bench gpu --json gpu-check.json       # CUDA only: the GPU check
+    python -m pipeline.bench gpu                                  # CUDA only, aims at < 8 min
 
 ``step`` runs each variant (fp32, bf16 autocast, channels_last, torch.compile, ...) in its own
 process, so peak memory and compile caches are per variant; the parent times the variants in
@@ -19,6 +23,13 @@ the convolutions and matmuls of one whole train step, forward and backward, coun
 ``torch.utils.flop_counter.FlopCounterMode``.
 
 ``data`` and ``train`` start a local Ray: run them when no other Ray cluster runs on the host.
+
+``gpu`` (``make gpu-check``) proves the CUDA path in one command: the tests marked ``gpu``, a
+short training run through Ray Train and MLflow, a translation with a GPU actor, and ``step
+--preset paper`` over the CUDA speed-ups (GPU_VARIANTS) with achieved TFLOP/s and the fraction
+of the GPU's dense bf16 peak. It writes one JSON with every number and each phase's pass or
+fail, and exits 1 on any failure; without a CUDA GPU it exits 2 at once. It starts its own local
+Ray: run it when no other Ray cluster runs on the host.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from pathlib import Path
 from pipeline import config as C
 from pipeline.bench.common import environment
 from pipeline.bench.data import bench_data, print_data
-from pipeline.bench.step import VARIANTS, bench_step, print_step
+from pipeline.bench.step import DEFAULT_VARIANTS, VARIANTS, bench_step, print_step
 from pipeline.bench.train import bench_train, print_train
 
 
@@ -47,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     step = sub.add_parser("step", help="the train step alone, per variant, on random inputs")
     step.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)}")
-    step.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default all)")
+    step.add_argument(
+        "--variants",
+        help=f"comma-separated, of {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})",
+    )
     step.add_argument("--no-compile", action="store_true", help="leave out the compile variants")
     step.add_argument("--batch-size", type=int, help="images per domain (default: the preset's)")
     step.add_argument("--warmup", type=int, help="untimed steps per variant first")
@@ -97,11 +111,54 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     for sp in (step, data, train):
         sp.add_argument("--json", metavar="FILE", help="write every number and the environment")
+    gpu = sub.add_parser(
+        "gpu",
+        help="CUDA only: GPU tests, a GPU training run, a GPU translation, the paper step",
+    )
+    gpu.add_argument(
+        "--json",
+        metavar="FILE",
+        help="where the report goes (default $CYCLEGAN_HOME/bench/gpu-check-TIME.json)",
+    )
+    gpu.add_argument(
+        "--phases",
+        default="tests,train,translate,step",
+        help="comma-separated, of tests, train, translate (needs train), step (default all)",
+    )
+    gpu.add_argument(
+        "--min-fraction-of-peak",
+        type=float,
+        default=0.40,
+        help="the best step variant must reach this share of the dense bf16 peak (default "
+        "0.40; 0 only reports it)",
+    )
+    gpu.add_argument(
+        "--timeout-s",
+        type=float,
+        default=570.0,
+        help="the whole check stops after this many seconds; a phase cut short fails (default 570)",
+    )
+    sub.add_parser(
+        "scaling",
+        help="DDP weak scaling: gradient bytes, all-reduce time, 2-process check (see "
+        "cluster/README.md); its own flags: bench scaling --help",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scaling"]:  # its own parser (pipeline/bench/scaling), loaded only here
+        from pipeline.bench.scaling import main as scaling_main
+
+        return scaling_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "gpu":
+        # Imported here: it checks for CUDA before anything else is loaded or started.
+        from pipeline.bench.gpu import run_gpu_check
+
+        return run_gpu_check(args)
     run, show = {
         "step": (bench_step, print_step),
         "data": (bench_data, print_data),

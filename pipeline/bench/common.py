@@ -18,10 +18,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
-# bf16 dense tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's datasheets; the first name
-# found in the device name wins, so specific names come first. A10G is AWS's A10 variant and
-# has no figure of its own: the A10 one is an upper bound for it.
+# bf16 dense tensor-core peaks (TFLOP/s, no sparsity: half the datasheets' sparse figures), from
+# NVIDIA's datasheets; the first name found in the device name wins, so specific names come
+# first (GH200 holds an H100/H200-class GPU: 989). A10G is AWS's A10 variant and has no figure
+# of its own: the A10 one is an upper bound for it.
 GPU_BF16_PEAK_TFLOPS = (
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),

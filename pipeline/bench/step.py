@@ -1,5 +1,5 @@
-"""The train step alone, per variant (fp32, bf16, channels_last, torch.compile), each in its
-own process and timed in turn."""
+"""The train step alone, per variant (fp32, bf16, channels_last, torch.compile, CUDA graphs, a
+bigger batch), each in its own process and timed in turn."""
 
 from __future__ import annotations
 
@@ -30,13 +30,27 @@ COMPILE_WARMUP = 6  # G and D see two batch shapes and two requires_grad states:
 
 @dataclass(frozen=True)
 class Variant:
-    """How the nets run: autocast dtype, memory format, torch.compile."""
+    """How the nets run: autocast dtype, memory format, torch.compile and its mode, and the
+    batch when the variant has one of its own."""
 
     name: str
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str | None = None
+    """torch.compile's mode: None (default), reduce-overhead (CUDA graphs), max-autotune (Triton
+    kernel search, then CUDA graphs)."""
+    batch_size: int | None = None
+    """Images per domain for this variant (None: the run's batch)."""
 
+
+# On a GPU a paper-sized step at batch 1 is short next to the launch of its hundreds of kernels:
+# CUDA graphs replay them with one launch, and a bigger batch gives each kernel enough blocks to
+# fill the GPU. Memory: one generator pass saves 474 MiB of fp32 activations per 256 px image for
+# its backward (counted with saved-tensor hooks; about half that under bf16 autocast) and a step
+# makes six passes per image pair, so batch 16 holds about 23 GiB: the whole GPU_VARIANTS run,
+# two such processes beside five of batch 1, should stay near 65 GiB.
+BIG_BATCH = 16
 
 VARIANTS = {
     v.name: v
@@ -47,8 +61,53 @@ VARIANTS = {
         Variant("bf16_channels_last", bf16=True, channels_last=True),
         Variant("compile", compile=True),
         Variant("compile_bf16", bf16=True, compile=True),
+        Variant("compile_bf16_cl", bf16=True, channels_last=True, compile=True),
+        Variant(
+            "cudagraphs_bf16_cl",
+            bf16=True,
+            channels_last=True,
+            compile=True,
+            compile_mode="reduce-overhead",
+        ),
+        Variant(f"bf16_cl_batch{BIG_BATCH}", bf16=True, channels_last=True, batch_size=BIG_BATCH),
+        Variant(
+            f"compile_bf16_cl_batch{BIG_BATCH}",
+            bf16=True,
+            channels_last=True,
+            compile=True,
+            batch_size=BIG_BATCH,
+        ),
+        Variant(
+            f"autotune_bf16_cl_batch{BIG_BATCH}",
+            bf16=True,
+            channels_last=True,
+            compile=True,
+            compile_mode="max-autotune",
+            batch_size=BIG_BATCH,
+        ),
     )
 }
+DEFAULT_VARIANTS = (
+    "fp32",
+    "bf16",
+    "channels_last",
+    "bf16_channels_last",
+    "compile",
+    "compile_bf16",
+)
+"""What ``step`` runs without ``--variants``: the choices of train.precision, channels_last and
+compile as a training run has them."""
+GPU_VARIANTS = (
+    "fp32",
+    "bf16",
+    "bf16_channels_last",
+    "compile_bf16_cl",
+    "cudagraphs_bf16_cl",
+    f"bf16_cl_batch{BIG_BATCH}",
+    f"compile_bf16_cl_batch{BIG_BATCH}",
+)
+"""What ``python -m pipeline.bench gpu`` runs: each CUDA speed-up added one at a time, so each
+one's share shows (max-autotune is left out: its kernel search takes minutes)."""
 
 
 # step: one variant's nets, stepped on demand
@@ -61,6 +120,7 @@ class StepRunner:
         from cyclegan.train_step import build_nets, build_optimizers, build_pools
 
         self.cfg, self.variant, self.device = cfg, variant, torch.device(device)
+        batch_size = variant.batch_size or batch_size
         torch.manual_seed(seed)
         nets = build_nets(cfg.model)
         fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
@@ -69,7 +129,7 @@ class StepRunner:
         self.opts = build_optimizers(nets, cfg.optim, fused=self.device.type == "cuda" or None)
         if variant.compile:
             for name, net in nets.items():
-                setattr(nets, name, torch.compile(net))
+                setattr(nets, name, torch.compile(net, mode=variant.compile_mode))
         self.nets = nets
         self.pools = build_pools(cfg.loss.pool_size, seed)
         gen = torch.Generator().manual_seed(seed)
@@ -137,6 +197,9 @@ def train_step_flops(cfg: C.Config, batch_size: int, device: str = "cpu") -> int
 def _step_process(conn, spec: dict) -> None:
     """A variant's process: build a StepRunner, then answer (command, arg) until 'stop'."""
     torch.set_num_threads(spec["threads"])
+    # Every step has the same shapes: cuDNN times its algorithms once per shape and keeps the
+    # fastest (this process is the variant's own, so the setting reaches nothing else).
+    torch.backends.cudnn.benchmark = spec["device"] == "cuda"
     base_rss = status_kib("VmRSS") / 1024
     try:
         cfg = C.preset(spec["preset"])
@@ -210,11 +273,12 @@ def bench_step(args: argparse.Namespace) -> dict:
     warmup = args.warmup if args.warmup is not None else warmup
     repeats = args.repeats or repeats
     per_round = args.steps_per_repeat or per_round
-    names = [n.strip() for n in args.variants.split(",")] if args.variants else list(VARIANTS)
+    names = [n.strip() for n in args.variants.split(",")] if args.variants else DEFAULT_VARIANTS
     unknown = [n for n in names if n not in VARIANTS]
     names = [n for n in names if not (args.no_compile and n in VARIANTS and VARIANTS[n].compile)]
     if unknown or not names:
         raise ValueError(f"--variants: {unknown or 'none'}; choose from {', '.join(VARIANTS)}")
+    batches = {name: VARIANTS[name].batch_size or batch for name in names}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = args.threads or len(os.sched_getaffinity(0))
     spec = {"preset": args.preset, "batch_size": batch, "device": device, "threads": threads}
@@ -226,14 +290,16 @@ def bench_step(args: argparse.Namespace) -> dict:
     ctx = mp.get_context("spawn")
     results: dict[str, dict] = {}
     procs: dict[str, VariantProcess] = {}
-    flops = None
+    # Counted once, at one variant's batch: every conv's FLOPs are linear in the batch.
+    flops_per_image = None
     try:
         for name in names:
             t0 = time.perf_counter()
             try:
                 procs[name] = VariantProcess(ctx, {**spec, "variant": name})
-                if flops is None and not VARIANTS[name].compile:
-                    flops = procs[name].call("flops")  # one real step: counts as warm-up too
+                if flops_per_image is None and not VARIANTS[name].compile:
+                    # One real step: counts as warm-up too.
+                    flops_per_image = procs[name].call("flops") / batches[name]
                 n_warm = max(warmup, COMPILE_WARMUP if VARIANTS[name].compile else 0)
                 results[name] = {"ok": True, "warmup_s": procs[name].call("warmup", n_warm)}
                 results[name].update(procs[name].info)
@@ -247,21 +313,32 @@ def bench_step(args: argparse.Namespace) -> dict:
             print(
                 f"[bench] {name}: ready in {time.perf_counter() - t0:.1f} s, {status}", flush=True
             )
-        if flops is None:
+        if flops_per_image is None:
             counter = VariantProcess(ctx, {**spec, "variant": "fp32"})
             try:
-                flops = counter.call("flops")
+                flops_per_image = counter.call("flops") / batch
             finally:
                 counter.close()
-        print(f"[bench] {flops / 1e9:.3f} GFLOP per step (forward + backward)", flush=True)
+        print(
+            f"[bench] {flops_per_image * batch / 1e9:.3f} GFLOP per step of batch {batch} "
+            "(forward + backward)",
+            flush=True,
+        )
         times: dict[str, list[float]] = {name: [] for name in procs}
         # The share of the machine's CPU time that other processes took while a variant ran:
         # the machine may be shared, and contention slows multi-threaded steps a lot.
         others: dict[str, list[float]] = {name: [] for name in procs}
         for r in range(repeats):
-            for name, proc in procs.items():
+            for name, proc in list(procs.items()):
                 busy0, total0 = cpu_busy_seconds()
-                wall, cpu = proc.call("run", per_round)
+                try:
+                    wall, cpu = proc.call("run", per_round)
+                except RuntimeError as exc:  # e.g. out of GPU memory: the others go on
+                    results[name] = {"ok": False, "error": str(exc)}
+                    procs.pop(name).close()
+                    del times[name], others[name]
+                    print(f"[bench] {name}: FAILED: {_last_line(str(exc))}", flush=True)
+                    continue
                 busy1, total1 = cpu_busy_seconds()
                 times[name].append(wall / per_round)
                 others[name].append(max(0.0, busy1 - busy0 - cpu) / max(total1 - total0, 1e-9))
@@ -281,19 +358,26 @@ def bench_step(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     peak = gpu_peak_tflops(gpu)
     for name, step_s in times.items():
-        res = results[name]
+        res, n = results[name], batches[name]
+        flops = flops_per_image * n
+        res["batch_size"] = n
+        res["flops_per_step"] = round(flops)
         res["ms_per_step"] = summarize([1e3 * s for s in step_s])
-        res["images_per_s"] = summarize([batch / s for s in step_s])
+        res["images_per_s"] = summarize([n / s for s in step_s])
         res["others_cpu_share"] = summarize(others[name])
         median_s = statistics.median(step_s)
         res["achieved_gflop_per_s"] = flops / median_s / 1e9
+        res["achieved_tflop_per_s"] = flops / median_s / 1e12
         res["fraction_of_peak"] = flops / median_s / (peak * 1e12) if peak else None
         # Quiet rounds: other processes took less than --quiet-below of the CPUs meanwhile.
         quiet = [r for r, share in enumerate(others[name]) if share < args.quiet_below]
         res["quiet_rounds"] = quiet
         res["ms_per_step_quiet"] = summarize([1e3 * step_s[r] for r in quiet]) if quiet else None
         if "fp32" in times:
-            ratios = [f / s for f, s in zip(times["fp32"], step_s, strict=True)]
+            # Per image, so that a variant with a batch of its own compares fairly.
+            ratios = [
+                (f / batches["fp32"]) / (s / n) for f, s in zip(times["fp32"], step_s, strict=True)
+            ]
             res["speedup_vs_fp32"] = summarize(ratios)
             both = [r for r in quiet if others["fp32"][r] < args.quiet_below]
             res["speedup_vs_fp32_quiet"] = summarize([ratios[r] for r in both]) if both else None
@@ -307,11 +391,14 @@ def bench_step(args: argparse.Namespace) -> dict:
         "batch_size": batch,
         "model": cfg.model.__dict__,
         "device": device,
+        "gpu": gpu,
         "threads": threads,
+        "cudnn_benchmark": device == "cuda",
         "warmup": warmup,
         "repeats": repeats,
         "steps_per_repeat": per_round,
-        "flops_per_step": flops,
+        "flops_per_image": flops_per_image,
+        "flops_per_step": round(flops_per_image * batch),
         "gpu_bf16_peak_tflops": peak,
         "quiet_below": args.quiet_below,
         "variants": results,
@@ -323,18 +410,17 @@ def _last_line(text: str) -> str:
 
 
 def print_step(res: dict) -> None:
-    flop = res["flops_per_step"]
     peak = res["gpu_bf16_peak_tflops"]
     print(
-        f"\n{'':<20}{'all rounds':-^42}  {'quiet rounds':-^25}\n"
-        f"{'variant':<20}{'img/s':>7}  {'ms/step median [min-max]':<25}{'vs fp32':>8}"
-        f"  {'ms/step (n)':<15}{'vs fp32':>8}  {'others':>6}{'peak MiB':>9}{'GFLOP/step':>11}"
-        f"{'GFLOP/s':>8}" + ("  % of bf16 peak" if peak else "")
+        f"\n{'':<26}{'all rounds':-^48}  {'quiet rounds':-^25}\n"
+        f"{'variant':<26}{'batch':>6}{'img/s':>9}  {'ms/step median [min-max]':<25}"
+        f"{'vs fp32':>8}  {'ms/step (n)':<15}{'vs fp32':>8}  {'others':>6}{'peak MiB':>9}"
+        f"{'GFLOP/step':>11}{'TFLOP/s':>9}" + ("  % of bf16 peak" if peak else "")
     )
     best = None
     for name, v in res["variants"].items():
         if not v["ok"]:
-            print(f"{name:<20}FAILED: {_last_line(v['error'])}")
+            print(f"{name:<26}FAILED: {_last_line(v['error'])}")
             continue
         ms, speed = v["ms_per_step"], v.get("speedup_vs_fp32")
         qms, qspeed = v["ms_per_step_quiet"], v.get("speedup_vs_fp32_quiet")
@@ -342,9 +428,10 @@ def print_step(res: dict) -> None:
         spread = f"{ms['median']:.1f} [{ms['min']:.1f}-{ms['max']:.1f}]"
         quiet = f"{qms['median']:.1f} ({qms['n']})" if qms else "-"
         line = (
-            f"{name:<20}{v['images_per_s']['median']:>7.2f}  {spread:<25}{_ratio(speed):>8}"
-            f"  {quiet:<15}{_ratio(qspeed):>8}  {100 * v['others_cpu_share']['median']:>5.0f}%"
-            f"{mem:>9.0f}{flop / 1e9:>11.2f}{v['achieved_gflop_per_s']:>8.1f}"
+            f"{name:<26}{v['batch_size']:>6}{v['images_per_s']['median']:>9.2f}  {spread:<25}"
+            f"{_ratio(speed):>8}  {quiet:<15}{_ratio(qspeed):>8}"
+            f"  {100 * v['others_cpu_share']['median']:>5.0f}%{mem:>9.0f}"
+            f"{v['flops_per_step'] / 1e9:>11.2f}{v['achieved_tflop_per_s']:>9.3f}"
         )
         if v["fraction_of_peak"] is not None:
             line += f"  {100 * v['fraction_of_peak']:.2f}%"
@@ -355,9 +442,9 @@ def print_step(res: dict) -> None:
         if speed and (best is None or speed["median"] > best[1]):
             best = (name, speed["median"])
     print(
-        "vs fp32: median of per-round ratios to fp32 eager; others: median share of the "
-        "machine's CPU time other processes took while the variant ran; quiet rounds: others "
-        f"below {100 * res['quiet_below']:.0f}%; peak MiB: "
+        "vs fp32: median of per-round ratios of images/s to fp32 eager; others: median share "
+        "of the machine's CPU time other processes took while the variant ran; quiet rounds: "
+        f"others below {100 * res['quiet_below']:.0f}%; peak MiB: "
         + (
             "resident-set high-water mark of the variant's own process (torch included)"
             if res["device"] == "cpu"
