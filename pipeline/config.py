@@ -34,6 +34,7 @@ MAX_WORKERS = 4096
 MAX_BATCH = 4096
 MAX_CPUS_PER_WORKER = 1024
 MAX_PLACEMENT_TIMEOUT_S = 7 * 24 * 3600.0
+RESOURCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 """A run name: letters, digits, ``-_.``, no leading dot, at most 128 characters (a folder name
 on every store, never a path)."""
@@ -123,9 +124,10 @@ class TrainConfig:
     eval_limit: int = 50
     """Test images (pairs) scored per evaluation."""
     fid_weights: str = ""
-    """Inception v3 weights (a torchvision ``inception_v3`` state dict file) for FID/KID during
-    training on data without a paired test split; ``download`` takes torchvision's; empty: no
-    evaluation on such data."""
+    """Inception weights for FID/KID during training on data without a paired test split: the
+    standard FID network's ``pt_inception-2015-12-05-*.pth`` (published-comparable scores) or a
+    torchvision ``inception_v3`` state dict; ``download`` fetches the standard ones once;
+    empty: no evaluation on such data."""
     on_nonfinite: str = "stop"
     """What a NaN/Inf loss does: stop (the run fails naming the step) or skip (step discarded)."""
 
@@ -154,6 +156,10 @@ class ScalingConfig:
     data."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
+    worker_resources: str = ""
+    """Further Ray resources each training worker needs, ``NAME=AMOUNT[,NAME=AMOUNT...]``: a
+    custom resource that only some nodes declare (``ray start --resources``) places the
+    workers on those nodes."""
     address: str = ""
     """Ray cluster address (empty: $RAY_ADDRESS, else a local Ray started in-process)."""
     placement_timeout_s: float = 300.0
@@ -172,6 +178,29 @@ class ScalingConfig:
             self.placement_timeout_s, 0, MAX_PLACEMENT_TIMEOUT_S, "scaling.placement_timeout_s"
         )
         _check(self.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1: unlimited)")
+        self.extra_resources()  # raises naming the field
+
+    def extra_resources(self) -> dict[str, float]:
+        """``worker_resources`` as a dict; raises naming the field when it does not parse."""
+        out: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.worker_resources.split(","))):
+            name, eq, amount = item.partition("=")
+            try:
+                value = float(amount) if eq else math.nan
+            except ValueError:
+                value = math.nan
+            _check(
+                bool(RESOURCE_NAME.fullmatch(name.strip())) and 0 < value < math.inf,
+                "scaling.worker_resources",
+                f"{item!r} is not NAME=AMOUNT (a resource name and a positive number)",
+            )
+            _check(
+                name.strip() not in ("CPU", "GPU", "memory"),
+                "scaling.worker_resources",
+                f"{name.strip()} is set by scaling.cpus_per_worker / scaling.use_gpu",
+            )
+            out[name.strip()] = value
+        return out
 
 
 @dataclass

@@ -287,7 +287,7 @@ def sweep(cfg: Config, name: str, settings: SweepSettings, resume: bool = False)
             datasets = build_datasets(plan.manifest, base.data, base.train.seed)
             trainable = tune.with_resources(
                 tune.with_parameters(pbt_trial_fn, datasets=datasets),
-                {"CPU": cfg.scaling.cpus_per_worker},
+                {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.extra_resources()},
             )
         else:
             trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPU})

@@ -33,9 +33,10 @@ from cyclegan.train_step import (
     translate_cycle,
 )
 from cyclegan.transforms import image_grid, to_input
-from pipeline import checkpoints, storage
+from pipeline import checkpoints, console, storage
 from pipeline.config import Config
 from pipeline.data import UnpairedBatches, load_samples
+from pipeline.images import label_rows
 from pipeline.plan import RunPlan
 from pipeline.tracking import MlflowSink, NullSink
 
@@ -282,7 +283,10 @@ class Progress:
             return
         a, b = self.samples["A"], self.samples["B"]
         out = translate_cycle(nets, a, b)
-        grid = image_grid([a, out["fake_B"], out["rec_A"], b, out["fake_A"], out["rec_B"]])
+        grid = label_rows(
+            image_grid([a, out["fake_B"], out["rec_A"], b, out["fake_A"], out["rec_B"]]),
+            ("real_A", "fake_B", "rec_A", "real_B", "fake_A", "rec_B"),
+        )
         self.sink.log_image(grid, "samples", step)
 
 
@@ -327,32 +331,41 @@ def save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due)
         if eval_due or (evaluator.enabled and not evaluator.last):
             progress.sink.log_metrics(evaluator.scores(state.nets), state.step)
         metrics.update(evaluator.last)
-        ckpt = make_checkpoint(
-            step=state.step,
-            epoch=state.epoch,
-            config=plan.public_dict()["config"],
-            nets=state.nets,
-            optimizers=state.opts,
-            schedulers=state.scheds,
-            pools=state.pools,
-            mlflow_run_id=plan.run_id,
-        )
+        ckpt = state_checkpoint(plan, state)
     checkpoints.report(runtime, metrics, ckpt, say)
 
 
-def report_finished(runtime, state: TrainState, evaluator: Evaluator) -> None:
-    """A run restored at its last step (a sweep resumed after the run had ended) trains no
-    more, but reports once, without a new checkpoint: whoever waits for its result (Tune's
-    scheduler) gets the step and the held-out scores."""
+def state_checkpoint(plan: RunPlan, state: TrainState) -> dict:
+    return make_checkpoint(
+        step=state.step,
+        epoch=state.epoch,
+        config=plan.public_dict()["config"],
+        nets=state.nets,
+        optimizers=state.opts,
+        schedulers=state.scheds,
+        pools=state.pools,
+        mlflow_run_id=plan.run_id,
+    )
+
+
+def report_finished(runtime, plan: RunPlan, state: TrainState, evaluator: Evaluator) -> None:
+    """A run restored at its last step trains no more, but reports once, with its checkpoint:
+    whoever waits for its result (the driver, Tune's scheduler) gets the final step, the
+    held-out scores and the final weights, also when the report of the last checkpoint was
+    cut short (a worker or node lost just after writing it)."""
     metrics = {"step": state.step, "epoch": state.epoch}
-    if runtime.rank == 0 and evaluator.enabled:
-        metrics.update(evaluator.scores(state.nets))
-    runtime.report(metrics, None)
+    ckpt = None
+    if runtime.rank == 0:
+        if evaluator.enabled:
+            metrics.update(evaluator.scores(state.nets))
+        ckpt = state_checkpoint(plan, state)
+    checkpoints.report(runtime, metrics, ckpt, say)
 
 
 def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
     """One rank's training, from its plan (``loop_config["plan"]``) to the planned step."""
     plan: RunPlan = loop_config["plan"]
+    console.quiet_ray_loggers()
     cfg, runtime = plan.config, runtime or TrainRuntime()
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(plan.threads_per_worker)
@@ -375,7 +388,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
         say(f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {state.step} -> "
             f"{last_step}, precision {dtype or torch.float32}, device {device}")  # fmt: skip
     if state.step >= last_step:
-        report_finished(runtime, state, evaluator)
+        report_finished(runtime, plan, state, evaluator)
     try:
         while state.step < last_step:
             t0 = time.perf_counter()

@@ -120,3 +120,17 @@ def test_a_resumed_name_is_checked_too():
     )
     with pytest.raises(ValueError, match="storage.name"):
         build_config(args)
+
+
+@pytest.mark.parametrize(
+    "value", ["trainer", "trainer=0", "trainer=-1", "trainer=x", "=1", "CPU=1", "a b=1", "t=inf"]
+)
+def test_bad_worker_resources_are_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match=r"scaling\.worker_resources"):
+        C.merge(C.tiny(), C.parse_override(f"scaling.worker_resources={value}"))
+
+
+def test_worker_resources_parse_into_ray_resources():
+    cfg = C.merge(C.tiny(), C.parse_override("scaling.worker_resources=trainer=1, big_mem=0.5"))
+    assert cfg.scaling.extra_resources() == {"trainer": 1.0, "big_mem": 0.5}
+    assert C.ScalingConfig().extra_resources() == {}
