@@ -13,7 +13,7 @@ DASHBOARD_PORT ?= 8265
 UI_PORT ?= 5000
 ARGS ?=
 
-.PHONY: setup test test-fast lint format train data ui bench ray-up-local ray-down-local submit-demo clean help
+.PHONY: setup test test-fast lint format train data ui bench ray-up-local ray-down-local cluster-local submit-demo clean help
 
 help:
 	@echo "make setup          create $(VENV) and install the project with its test tools"
@@ -21,8 +21,10 @@ help:
 	@echo "make test           run the whole test suite"
 	@echo "make lint           ruff lint + format check"
 	@echo "make bench          train-step benchmark of the demo preset (see README, Performance)"
+	@echo "make gpu-check      CUDA only: GPU tests, GPU train + translate, paper step TFLOP/s"
 	@echo "make ui             MLflow UI on the local store, http://127.0.0.1:$(UI_PORT)"
 	@echo "make ray-up-local   start a local Ray head for 'ray job submit'"
+	@echo "make cluster-local  a local head plus a second node in its own mount namespace"
 	@echo "make submit-demo    submit the demo training as a Ray job to the local head"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -57,6 +59,13 @@ train: data
 bench: setup
 	$(PY) -m pipeline.bench step --preset demo --no-compile $(ARGS)
 
+# The CUDA path in one command, meant to take under 8 minutes on one H100/H200; the report goes to
+# $(CYCLEGAN_HOME)/bench/gpu-check-TIME.json (ARGS='--json FILE' to choose). Exits at once
+# without a CUDA GPU.
+.PHONY: gpu-check
+gpu-check: setup
+	$(PY) -m pipeline.bench gpu $(ARGS)
+
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CYCLEGAN_HOME)/mlflow.db \
 		--default-artifact-root $(CYCLEGAN_HOME)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
@@ -69,6 +78,13 @@ ray-up-local: setup
 
 ray-down-local: setup
 	$(VENV)/bin/ray stop
+
+# A second node on this machine in its own mount namespace (cluster/start_node.sh): it sees
+# none of the driver's /tmp; training workers go there with
+# ARGS='--set scaling.worker_resources=trainer=1'.
+cluster-local: ray-up-local
+	RAY=$(VENV)/bin/ray cluster/start_node.sh 127.0.0.1:$(RAY_PORT) $(CYCLEGAN_HOME)/cluster-local/node2 \
+		node2 --num-cpus 2 --resources '{"trainer": 1}' --min-worker-port 30000 --max-worker-port 30999
 
 submit-demo: data
 	$(VENV)/bin/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \

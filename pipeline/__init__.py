@@ -1,4 +1,7 @@
-"""Ray glue and command-line entry points around the ``cyclegan`` model library."""
+"""Ray glue and command-line entry points around the ``cyclegan`` model library.
+
+The Python API is :mod:`pipeline.api` (``from pipeline.api import train, translate, ...``): the
+names ``pipeline.train`` etc. are the commands' modules."""
 
 from __future__ import annotations
 

@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from pipeline import config as C
-        from pipeline import runs
+        from pipeline import console, runs
         from pipeline.loss_ablation import ablate, parse_variants
 
+        console.quiet_ray(args.verbose)
         variants = parse_variants(args.variants)
         base = build_config(for_runs_of(args))
         if "loss.lambda_identity" not in " ".join(args.set):

@@ -13,7 +13,7 @@ photo->labels (B->A) as ``per_pixel_acc``, ``per_class_acc`` and ``class_iou`` a
 each output pixel to the nearest class colour, and labels->photo (A->B) as ``l1_AtoB``, the mean
 absolute error against the real photo in [0, 1] units. Otherwise ``fid_AtoB``/``kid_AtoB`` (and
 ``_BtoA``) compare translated test images with the real ones of the other domain, on Inception
-features (``--fid-weights`` or torchvision's download). With both generators, ``cycle_l1_A`` and
+features (``--fid-weights``, else a one-time download of the standard FID weights). With both generators, ``cycle_l1_A`` and
 ``cycle_l1_B`` measure how well A->B->A and B->A->B reconstruct their input.
 
 Images are resized to the model's training crop size (``--size`` to choose, 0 for the stored
@@ -27,18 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import time
 
-import torch
-
-from pipeline import config as C
 from pipeline import exit_with
-from pipeline.eval_report import evaluate, format_table, log_to_mlflow
-from pipeline.flags import add_model_flags, arch_from_flags
-from pipeline.shards import DatasetError
-from pipeline.storage import StorageError, redact
+from pipeline.flags import add_model_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
     )
     add_model_flags(p)
-    p.add_argument("--data", help="dataset root (default: the model's training data)")
+    p.add_argument("--data", "--dataroot", help="dataset root (default: the model's training data)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="default test")
     p.add_argument("--out", help="folder for the report (default $CYCLEGAN_HOME/eval/NAME-TIME)")
-    p.add_argument("--fid-weights", metavar="PATH", help="torchvision inception_v3 state dict")
+    p.add_argument(
+        "--fid-weights",
+        metavar="PATH",
+        help="Inception weights for FID/KID: the standard FID network's "
+        "pt_inception-2015-12-05-*.pth (published-comparable scores) or a torchvision "
+        "inception_v3 state dict",
+    )
     p.add_argument("--limit", type=int, help="evaluate the first N images of each domain")
     p.add_argument("--size", type=int, help="resize images to N x N (default: training crop)")
     p.add_argument(
@@ -65,86 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def report_name(info: dict) -> str:
-    """A short folder name for a model: run name and step, MLflow run id, or file stem."""
-    if info["kind"] == "mlflow":
-        name = f"mlflow-{(info.get('mlflow_run_id') or 'model')[:12]}"
-    else:
-        parts = [p for p in re.split(r"[/\\]", str(info["path"])) if p]
-        if info["kind"] == "checkpoint" and len(parts) >= 3:
-            run = parts[-3] if parts[-2].startswith("checkpoint_") else parts[-2]
-            name = f"{run}-step{info.get('step') or 0}"
-        else:
-            name = os.path.splitext(parts[-1])[0] if parts else "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def _tracking_uri() -> str:
-    """Where results go is the user's choice alone ($MLFLOW_TRACKING_URI or the home's store),
-    never a URI stored in the checkpoint."""
-    return C.default_tracking_uri()
-
-
-def _default_data(info: dict) -> str:
-    uri = ((info.get("config") or {}).get("data") or {}).get("uri") or ""
-    return uri or C.default_data_uri()
-
-
-def _run(args: argparse.Namespace) -> tuple[dict, dict, str]:
-    """Load the generators, score them and write the report: (result, model info, out dir)."""
-    from pipeline.models import load_generators
-
-    arch = arch_from_flags(args)
-    directions = [args.direction] if args.direction else ["AtoB", "BtoA"]
-    nets, _, info = load_generators(
-        args.model, directions, storage=args.storage, arch=arch, trust_pickle=args.trust_pickle
-    )
-    if args.size is not None and args.size < 0:
-        raise ValueError(f"--size: must be >= 0, got {args.size}")
-    size = (args.size or None) if args.size is not None else info.get("crop_size")
-    data_uri = args.data or _default_data(info)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nets = {d: n.to(device) for d, n in nets.items()}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or os.path.join(C.home(), "eval", f"{report_name(info)}-{stamp}")
-    print(
-        f"[evaluate] {', '.join(nets)} of {args.model} ({info['kind']}, "
-        f"step {info.get('step') or 0}) on {redact(data_uri)} {args.split}, "
-        f"size {size or 'as stored'}, device {device}",
-        flush=True,
-    )
-    description = {
-        "model": args.model,
-        "kind": info["kind"],
-        "step": info.get("step"),
-        "mlflow_run_id": args.mlflow_run or info.get("mlflow_run_id"),
-    }
-    result = evaluate(
-        nets,
-        data_uri,
-        split=args.split,
-        size=size,
-        fid_weights=args.fid_weights,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        out_dir=out,
-        description=description,
-    )
-    return result, info, out
-
-
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.models import ModelSourceError
-
     args = build_parser().parse_args(argv)
+    # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
+    from pipeline.api import evaluate_from_args
+    from pipeline.eval_report import format_table, log_to_mlflow
+    from pipeline.models import ModelSourceError
+    from pipeline.shards import DatasetError
+    from pipeline.storage import StorageError, redact
+
     try:
-        result, info, out = _run(args)
+        result, info, out = evaluate_from_args(args)
     except (ModelSourceError, ValueError, DatasetError, StorageError, RuntimeError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(format_table(result["metrics"]))
     print(
-        f"[evaluate] {result['images']['A']} A / {result['images']['B']} B images in "
+        f"[evaluate] {result['images']['A']} A / {result['images']['B']} B images"
+        + (f", features of {result['fid_network']}" if result.get("fid_network") else "")
+        + " in "
         f"{result['seconds']:.1f} s; report: {os.path.join(out, 'index.html')}",
         flush=True,
     )
@@ -152,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if not run_id:
         print("[evaluate] no MLflow run to log to (pass --mlflow-run RUN_ID)", flush=True)
         return 0
-    tracking_uri = _tracking_uri()
+    # Where results go is the user's choice alone ($MLFLOW_TRACKING_URI or the home's store),
+    # never a URI stored in the checkpoint.
+    from pipeline.config import default_tracking_uri
+
+    tracking_uri = default_tracking_uri()
     try:
         log_to_mlflow(result, out, run_id, tracking_uri, info.get("step") or 0)
     except Exception as exc:

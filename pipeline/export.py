@@ -51,9 +51,7 @@ import dataclasses
 import sys
 
 from pipeline import exit_with
-from pipeline.exporters import FORMATS, ExportError, check_formats, export
 from pipeline.flags import add_model_flags, arch_from_flags
-from pipeline.models import ModelSourceError, load_generator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,19 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", default="AtoB", choices=("AtoB", "BtoA"), help="default AtoB")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=256, help="side of the check image (default 256)")
-    p.add_argument(
-        "--formats",
-        default=",".join(FORMATS),
-        help="comma-separated: torchscript, onnx (default both)",
-    )
+    p.add_argument("--formats", help="comma-separated: torchscript, onnx (default both)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
+    from pipeline.exporters import FORMATS, ExportError, check_formats, export
+    from pipeline.models import ModelSourceError, load_generator
     from pipeline.storage import redact
 
-    args = build_parser().parse_args(argv)
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    given = FORMATS if args.formats is None else args.formats.split(",")
+    formats = [f.strip() for f in given if f.strip()]
     try:
         check_formats(formats)
         arch = arch_from_flags(args)

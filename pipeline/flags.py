@@ -2,6 +2,10 @@
 
 A config is resolved as: preset (or a resumed run's saved config), then ``--config FILE``, then
 each ``--set section.field=value``, then the first-class flags (``--data``, ``--storage``, ...).
+
+Building a parser imports nothing heavy, so ``--help`` answers at once: ``pipeline.config``
+(which imports ``cyclegan`` and with it torch) and everything else a command runs on is imported
+by the functions that use it.
 """
 
 from __future__ import annotations
@@ -10,9 +14,14 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from pipeline import config as C
-from pipeline.config import Config
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+PRESET_NAMES = ("demo", "paper", "paper128", "tiny")
+"""The keys of ``pipeline.config.PRESETS``, named here for the help text (a test keeps them
+equal)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -26,11 +35,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """The flags that build a run's config (train, tune, ablation)."""
-    p.add_argument("--preset", default="demo", help=f"one of {', '.join(C.PRESETS)} (default demo)")
+    p.add_argument(
+        "--preset", default="demo", help=f"one of {', '.join(PRESET_NAMES)} (default demo)"
+    )
     p.add_argument("--config", help="YAML or JSON file with the same tree as the resolved config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field (repeatable)")  # fmt: skip
-    p.add_argument("--data", help="dataset root (local folder, s3://, gs://)")
+    p.add_argument("--data", "--dataroot", help="dataset root (local folder, s3://, gs://)")
     p.add_argument("--storage", help="where run folders and checkpoints go (local, s3://, gs://)")
     p.add_argument("--num-workers", type=int, help="training workers (DDP ranks) per run")
     dev = p.add_mutually_exclusive_group()
@@ -38,7 +49,13 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     dev.add_argument("--cpu", action="store_true", help="train on CPUs even if GPUs exist")
     p.add_argument("--epochs", type=int, help="epochs at constant lr (decay epochs keep the ratio)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep Ray's own output (Ray Data banners and bars, Ray's log levels)")  # fmt: skip
+    p.add_argument(
+        "--address",
+        help="Ray cluster address, or local for a private one (default: $RAY_ADDRESS, else the "
+        "cluster `ray start` runs on this machine, else a private one)",
+    )
 
 
 def _deep_update(tree: dict, extra: dict) -> dict:
@@ -74,6 +91,8 @@ def _flag_tree(args: argparse.Namespace) -> dict:
 
 def build_config(args: argparse.Namespace, saved: dict | None = None) -> Config:
     """Preset (or a resumed run's saved config), then file, then --set, then flags."""
+    from pipeline import config as C
+
     cfg = C.from_dict(saved) if saved else C.preset(args.preset)
     tree: dict = {}
     if args.config:
@@ -97,6 +116,7 @@ def load_config(args: argparse.Namespace) -> Config:
     the defaults again (credentials come from the environment, never from saved files)."""
     if not getattr(args, "resume", None):
         return build_config(args)
+    from pipeline import config as C
     from pipeline import runs
 
     probe = C.with_defaults(build_config(args))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.images import BadImage, decode, encode_image
-from pipeline.progress import Progress
+from pipeline.progress import progress_bar
 from pipeline.shards import (
     DATASET_NAMES,
     DEFAULT_SHARD_BYTES,
@@ -150,14 +150,17 @@ def _write_dataset(
     shard_bytes: int,
     generation: str,
     written: list[str],
+    progress: bool | None,
 ) -> dict:
     filesystem, base = storage.resolve(dataset.folder)
     keys = listing.keys
-    progress = Progress(dataset.name, len(keys))
-    with ShardWriter(dest, dataset.name, shard_bytes, generation) as writer:
+    with (
+        ShardWriter(dest, dataset.name, shard_bytes, generation) as writer,
+        progress_bar(dataset.name, len(keys), progress) as bar,
+    ):
         for key, reason in listing.skipped:
             writer.skip(key, reason)
-        for done, key in enumerate(keys, 1):
+        for key in keys:
             path = posixpath.join(base, key)
             try:
                 with filesystem.open_input_stream(path) as stream:
@@ -175,7 +178,7 @@ def _write_dataset(
                 writer.skip(key, exc.reason)
             else:
                 writer.add(key, stored, width, height, fmt)
-            progress.update(done)
+            bar.update()
         entry = writer.close()
         written.extend(writer.written)
     if entry["count"] == 0:
@@ -199,6 +202,7 @@ def prepare(
     max_side: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     splits: list[str] | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Write the shards and manifest of SRC (or ``a``/``b``) under ``dest``; return a summary.
 
@@ -207,6 +211,7 @@ def prepare(
     Raises :class:`PrepareError`, :class:`pipeline.storage.StorageError` or
     :class:`pipeline.shards.DatasetError`; no manifest is written then. With ``overwrite`` the
     old dataset stays whole and readable until the new one is: see ``pipeline.shards``.
+    ``progress``: a bar per dataset on stderr (None: only when stderr is a terminal).
     """
     # Long on purpose: the checks that must all pass before anything is written, then the write, in order.
     if reencode not in REENCODE_CHOICES:
@@ -234,6 +239,7 @@ def prepare(
                 shard_bytes=shard_bytes,
                 generation=generation,
                 written=written,
+                progress=progress,
             )
         source = src if src is not None else f"--a {a} --b {b}"
         manifest = build_manifest(storage.redact(source), entries)

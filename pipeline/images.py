@@ -1,4 +1,5 @@
-"""Image decoding and validation, shared by dataset preparation and the training readers.
+"""Image decoding and validation, shared by dataset preparation and the training readers, and
+the row labels of the training sample grids.
 
 Every image becomes 8-bit RGB with its EXIF orientation applied:
 
@@ -19,11 +20,11 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 # Pillow's own default limit; it only warns at 1x and raises at 2x, we refuse at 1x.
 MAX_PIXELS = 89_478_485
@@ -203,3 +204,31 @@ def encode_image(img: Image.Image, fmt: str, quality: int = 95) -> bytes:
         # Level 3 is about twice as fast as the default 6 for a few percent more bytes.
         img.save(buffer, "PNG", compress_level=3)
     return buffer.getvalue()
+
+
+LABEL_PAD = 4
+"""Pixels of margin on each side of a row label."""
+
+
+def label_rows(grid: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+    """``grid`` (H x W x 3 uint8, ``len(labels)`` rows of equal height, top to bottom) with a
+    white left margin naming each row in black, in Pillow's default font. The grid's own pixels
+    are kept as they are, right of the margin."""
+    if grid.ndim != 3 or grid.shape[2] != 3 or grid.dtype != np.uint8:
+        raise ValueError(f"label_rows: grid must be H x W x 3 uint8, got {grid.shape} {grid.dtype}")
+    height = grid.shape[0]
+    if not labels or height % len(labels):
+        raise ValueError(f"label_rows: {height} px do not split into {len(labels)} equal rows")
+    font = ImageFont.load_default()
+    boxes = [font.getbbox(text) for text in labels]
+    width = max(box[2] for box in boxes) + 2 * LABEL_PAD
+    row_height = height // len(labels)
+    rows = []
+    for text, (_, top, _, bottom) in zip(labels, boxes, strict=True):
+        # Each label is drawn on its own row's strip, so one too tall for its row is cut off
+        # rather than drawn over the next.
+        strip = Image.new("RGB", (width, row_height), "white")
+        y = (row_height - (bottom - top)) // 2 - top
+        ImageDraw.Draw(strip).text((LABEL_PAD, y), text, fill="black", font=font)
+        rows.append(np.asarray(strip))
+    return np.concatenate([np.concatenate(rows, axis=0), grid], axis=1)

@@ -26,9 +26,14 @@ import argparse
 import sys
 import traceback
 
-from pipeline import exit_with, storage
-from pipeline.image_import import MIB, REENCODE_CHOICES, PrepareError, prepare
-from pipeline.shards import DATASET_NAMES, DEFAULT_SHARD_BYTES, DatasetError
+from pipeline import exit_with
+
+MIB = 1024 * 1024
+# The library's names and defaults, spelled here so that --help imports no pyarrow (the modules
+# that own them do); tests/test_help.py keeps them equal to pipeline.shards' and image_import's.
+SPLITS = ("trainA", "trainB", "testA", "testB")
+REENCODE = ("none", "jpeg", "png", "webp")
+SHARD_MB = 64
 
 
 def format_summary(summary: dict, max_listed: int = 20) -> str:
@@ -64,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset at DEST")
     parser.add_argument(
         "--reencode",
-        choices=REENCODE_CHOICES,
+        choices=REENCODE,
         default="none",
         help="store every image in this format (default: keep originals)",
     )
@@ -72,22 +77,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shard-size-mb",
         type=float,
-        default=DEFAULT_SHARD_BYTES / MIB,
+        default=SHARD_MB,
         metavar="N",
-        help="target shard size in MiB (default 64)",
+        help=f"target shard size in MiB (default {SHARD_MB})",
     )
     parser.add_argument(
         "--splits",
         nargs="+",
-        choices=DATASET_NAMES,
+        choices=SPLITS,
         metavar="NAME",
-        help=f"only these datasets ({' '.join(DATASET_NAMES)})",
+        help=f"only these datasets ({' '.join(SPLITS)})",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bars on stderr (default: only when stderr is a terminal)",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
+    from pipeline import storage
+    from pipeline.image_import import PrepareError, prepare
+    from pipeline.shards import DatasetError
+
     try:
         summary = prepare(
             args.src,
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             max_side=args.max_side,
             shard_bytes=int(args.shard_size_mb * MIB),
             splits=args.splits,
+            progress=args.progress,
         )
     except (PrepareError, DatasetError, storage.StorageError) as exc:
         print(f"error: {storage.redact(str(exc))}", file=sys.stderr)

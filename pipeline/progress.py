@@ -1,29 +1,23 @@
-"""Progress of a long write on stderr, shared by the commands that write datasets."""
+"""Progress bars on stderr, shared by the commands that write datasets (prepare, synth)."""
 
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm import tqdm
 
 
-class Progress:
-    """Progress on stderr: one redrawn line on a terminal, a line per quarter in logs."""
+def progress_bar(label: str, total: int, show: bool | None = None) -> tqdm:
+    """A bar over ``total`` images on stderr, closed by ``with``; ``update()`` once per image.
 
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
-        self.tty = sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-        self.next_fraction = 0.25
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.tty and (now - self.last > 0.2 or done == self.total):
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.label}: {done}/{self.total} images ({rate:.0f}/s)")
-            if done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif not self.tty and self.total >= 100 and done / self.total >= self.next_fraction:
-            sys.stderr.write(f"{self.label}: {done}/{self.total} images\n")
-            self.next_fraction += 0.25
+    ``show=None`` (the commands' default) draws it only when stderr is a terminal, so logs and
+    captured output get no redrawn lines (the command's summary line gives the counts there);
+    ``True`` draws it anyway (``--progress``), ``False`` never (``--no-progress``)."""
+    return tqdm(
+        total=total,
+        desc=label,
+        unit="img",
+        file=sys.stderr,
+        disable=None if show is None else not show,
+        dynamic_ncols=True,
+    )

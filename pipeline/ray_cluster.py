@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 
 from pipeline.config import Config
+from pipeline.console import VERBOSE_ENV
 
 TEST_HOOKS_ENV = "CYCLEGAN_FAULT_"
 """Variables with this prefix reach the workers: the test suite's fault injection."""
@@ -21,12 +23,41 @@ def worker_env(cfg: Config) -> dict[str, str]:
 
     env = {**tracking_env(cfg), **storage_env()}
     env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_HOOKS_ENV)})
+    if os.environ.get(VERBOSE_ENV):
+        env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
     return env
 
 
+LOCAL = "local"
+"""The address that always starts a private local Ray, even beside a running one."""
+
+
+def recorded_cluster() -> str | None:
+    """The address of the cluster ``ray start`` recorded on this machine, when its GCS still
+    accepts connections; None when there is no record or the cluster behind it is gone (killed
+    rather than stopped, it leaves the record behind)."""
+    # Ray's own record and the folder it lives in ($RAY_TMPDIR, $TMPDIR, /tmp).
+    tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except OSError:
+        return None
+    return address
+
+
 def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = None) -> bool:
-    """Join ``address`` (default ``scaling.address``, else ``$RAY_ADDRESS``), or start a local Ray with
-    ``cpus_beyond_cores`` logical CPUs more than the machine has cores; True when started here.
+    """Join ``address`` (default ``scaling.address``, else ``$RAY_ADDRESS``, else a cluster
+    ``ray start`` runs on this machine), or start a private local Ray (address ``local``, or
+    none found) with ``cpus_beyond_cores`` logical CPUs more than the machine has cores; True
+    when started here.
 
     The extra logical CPUs let the training workers reserve theirs while Ray Data still gets
     one per core, so data tasks can always be scheduled next to the workers."""
@@ -37,7 +68,13 @@ def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = N
     env = worker_env(cfg)
     if address is None:
         address = cfg.scaling.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
+    if not address and (address := recorded_cluster() or ""):
+        print(
+            f"[ray] joining the Ray cluster already running on this machine at {address} "
+            f"(--address {LOCAL} starts a private one instead)",
+            flush=True,
+        )
+    if address and address != LOCAL:
         # Inside `ray job submit` the job's runtime env already holds some of these variables;
         # combine the two instead of failing on the overlap.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
@@ -46,6 +83,8 @@ def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = N
     from pipeline.data import RAY_SYSTEM_CONFIG
 
     ray.init(
+        # "local": a new cluster, never one found through $RAY_ADDRESS or Ray's record.
+        address=LOCAL,
         num_cpus=(os.cpu_count() or 1) + math.ceil(cpus_beyond_cores),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -66,6 +105,12 @@ def _placement_problems(cfg: Config, use_gpu: bool) -> list[str]:
         problems.append(f"{n} workers need {n} GPUs, the cluster has {gpus:g}")
     if n * per > cpus:
         problems.append(f"{n} workers x {per:g} CPUs = {n * per:g} CPUs, the cluster has {cpus:g}")
+    for name, amount in cfg.scaling.extra_resources().items():
+        if n * amount > res.get(name, 0):
+            problems.append(
+                f"{n} workers x {amount:g} {name} (scaling.worker_resources) = {n * amount:g}, "
+                f"the cluster has {res.get(name, 0):g}"
+            )
     return problems
 
 
@@ -105,7 +150,11 @@ def check_resources(cfg: Config, local: bool) -> bool:
             # creates no demand, so no node would ever be added.
             from ray.autoscaler.sdk import request_resources
 
-            bundle = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+            bundle = {
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": 1} if use_gpu else {}),
+                **cfg.scaling.extra_resources(),
+            }
             request_resources(bundles=[bundle] * cfg.scaling.num_workers)
             print(
                 f"[train] {message}; waiting up to {cfg.scaling.placement_timeout_s:g}s "

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import exit_with, storage
-from pipeline.scenes import write_scenes
-from pipeline.shards import DatasetError
+from pipeline import exit_with
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,14 +34,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", type=int, default=100, help="paired test images (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset at DEST")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bars on stderr (default: only when stderr is a terminal)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
+    from pipeline import storage
+    from pipeline.scenes import write_scenes
+    from pipeline.shards import DatasetError
+
     try:
         summary = write_scenes(
-            args.dest, args.size, args.train_a, args.train_b, args.test, args.seed, args.overwrite
+            args.dest,
+            args.size,
+            args.train_a,
+            args.train_b,
+            args.test,
+            args.seed,
+            args.overwrite,
+            progress=args.progress,
         )
     except (ValueError, DatasetError, storage.StorageError) as exc:
         print(f"error: {storage.redact(str(exc))}", file=sys.stderr)

@@ -31,6 +31,28 @@ from pipeline.config import Config, default_tracking_uri, flatten
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TAG = (EXPERIMENT_KIND, "custom_model_development")
+"""The experiment tag MLflow's UI reads to open an experiment in its model-training layout
+(runs, charts, artifacts) rather than the GenAI one (traces, evaluations)."""
+
+
+def standard_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's own source tags (shown by its UI): the command, the user, the git commit."""
+    import getpass
+
+    from mlflow.utils import mlflow_tags
+
+    tags = {
+        mlflow_tags.MLFLOW_SOURCE_NAME: entry_point,
+        mlflow_tags.MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+    }
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags[mlflow_tags.MLFLOW_USER] = getpass.getuser()
+    commit = git_commit()
+    if commit:
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def tracking_env(cfg: Config) -> dict[str, str]:
@@ -51,13 +73,17 @@ def ensure_experiment(cfg: Config) -> str:
     mlflow_client = client(cfg)
     exp = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags:  # made by an older version or by hand
+            mlflow_client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND_TAG)
         return exp.experiment_id
     location = None
     uri = cfg.tracking.uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         location = (db.parent / "mlartifacts").as_uri()
-    return mlflow_client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return mlflow_client.create_experiment(
+        cfg.tracking.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND_TAG])
+    )
 
 
 def git_commit() -> str | None:

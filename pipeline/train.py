@@ -12,10 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipeline import exit_with
-from pipeline.flags import add_config_flags, load_config, run_command
+from pipeline.flags import add_config_flags, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,17 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from pipeline.plan import resolve
-        from pipeline.training import train
+        from pipeline import console
+        from pipeline.api import train_from_args
 
-        plan = resolve(load_config(args))
-        print("[train] resolved plan:\n" + json.dumps(plan.public_dict(), indent=2), flush=True)
-        result = train(plan)
-        print(
-            f"[train] done: run {result.name}, step {result.step}, MLflow run {result.run_id}, "
-            f"checkpoint {result.checkpoint_path}",
-            flush=True,
-        )
+        print(console.summary(train_from_args(args)), flush=True)
         return 0
 
     return run_command(body, "training")

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from pipeline import ray_cluster, runs, storage, tracking
+from pipeline import console, ray_cluster, runs, storage, tracking
 from pipeline.plan import RunPlan, public_config
 
 
@@ -34,9 +34,7 @@ def open_mlflow_run(plan: RunPlan, parent_run_id: str | None = None) -> str:
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    commit = tracking.git_commit()
-    if commit:
-        tags["git.commit"] = commit
+    tags.update(tracking.standard_tags("pipeline.train"))
     if cfg.storage.resume:
         run_id = runs.read_info(plan.storage_uri, plan.name)["mlflow_run_id"]
         tracking.reopen_run(cfg, run_id, tags)
@@ -69,7 +67,10 @@ def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **cfg.scaling.extra_resources(),
+            },
         ),
         run_config=RunConfig(
             name=plan.name,
@@ -110,13 +111,15 @@ def train(
     import ray
 
     cfg = plan.config
+    console.quiet_ray()
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     started_here = ray_cluster.connect(cfg, workers_cpus, address=plan.address)
     try:
         use_gpu = ray_cluster.check_resources(cfg, local=started_here)
         plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))
-        print(f"[train] run {plan.name}, MLflow run {plan.run_id} at "
-              f"{storage.redact(plan.tracking_uri)}", flush=True)  # fmt: skip
+        experiment = tracking.client(cfg).get_run(plan.run_id).info.experiment_id
+        joined = "" if started_here else ray.get_runtime_context().gcs_address
+        print(console.header(plan, experiment, use_gpu, storage.redact(joined)), flush=True)
         try:
             result = build_trainer(plan, use_gpu, callbacks).fit()
             checkpoint = result.checkpoint

@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, help="actors (default: one per GPU, else 1)")
     p.add_argument("--num-gpus-per-actor", type=float, help="default 1 with GPUs, else 0")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--address",
+        help="Ray cluster address, or local for a private one (default: $RAY_ADDRESS, else the "
+        "cluster `ray start` runs on this machine, else a private one)",
+    )
     return p
 
 
@@ -86,36 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        import ray
+        from pipeline.api import translate
 
-        from pipeline import ray_cluster
-        from pipeline.config import Config
-        from pipeline.translation import list_inputs, translate
-
-        arch = arch_from_flags(args)
-        # Checks that need no cluster first, so a typo fails in a second.
-        list_inputs(args.input, args.direction, args.split)
-        started_here = ray_cluster.connect(Config(), address=args.address)
-        try:
-            result = translate(
-                args.model,
-                args.direction,
-                args.input,
-                args.output,
-                split=args.split,
-                batch_size=args.batch_size,
-                load_size=args.load_size,
-                num_actors=args.num_actors,
-                num_gpus_per_actor=args.num_gpus_per_actor,
-                fmt=args.format,
-                overwrite=args.overwrite,
-                storage_uri=args.storage,
-                arch=arch,
-                trust_pickle=args.trust_pickle,
-            )
-        finally:
-            if started_here:
-                ray.shutdown()
+        result = translate(
+            args.model,
+            args.input,
+            args.output,
+            args.direction,
+            split=args.split,
+            batch_size=args.batch_size,
+            load_size=args.load_size,
+            num_actors=args.num_actors,
+            num_gpus_per_actor=args.num_gpus_per_actor,
+            format=args.format,
+            overwrite=args.overwrite,
+            storage_uri=args.storage,
+            arch=arch_from_flags(args),
+            trust_pickle=args.trust_pickle,
+            address=args.address,
+        )
         return _report(result, args.output)
 
     return run_command(body, "translation")

@@ -18,7 +18,7 @@ import argparse
 import time
 
 from pipeline import exit_with
-from pipeline.flags import add_config_flags, build_config, for_runs_of, run_command
+from pipeline.flags import add_config_flags, run_command
 
 DEFAULT_SPACE_HELP = "loss.lambda_cyc=loguniform:1:30 loss.pool_size=choice:0,10,50,100"
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from pipeline import runs
-        from pipeline.search import SweepSettings, sweep
+        from pipeline.api import tune_from_args
+        from pipeline.search import SweepSettings
 
         started = time.time()
         settings = SweepSettings(
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             grace_period=args.grace_period,
             perturbation_interval=args.perturbation_interval,
         )
-        name = args.resume or args.name or runs.new_run_name("tune")
-        summary = sweep(build_config(for_runs_of(args)), name, settings, bool(args.resume))
+        summary = tune_from_args(args, settings)
         print(summary["table"])
         print(f"[tune] best {summary['metric']} = {summary['best_value']:.4f} "
               f"with {summary['best_params']}")  # fmt: skip

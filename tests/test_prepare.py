@@ -322,3 +322,12 @@ def test_cli_errors_s3(src, s3_env, monkeypatch):
     _expect_cli_error([str(src), "s3://no-such-bucket-anywhere/ds"], "bucket does not exist")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     _expect_cli_error([str(src), f"{s3_env}/ds"], "cannot be reached")
+
+
+def test_progress_bars_off_a_terminal_only_when_asked(src, tmp_path, capsys):
+    prepare(str(src), str(tmp_path / "quiet"))
+    assert capsys.readouterr().err == ""
+    summary = prepare(str(src), str(tmp_path / "shown"), progress=True)
+    err = capsys.readouterr().err
+    for name in summary["datasets"]:
+        assert f"{name}: 100%" in err, err

@@ -130,3 +130,42 @@ def test_throughput_of_render_and_encode():
     per_min = 2 * n / (time.perf_counter() - start) * 60
     print(f"\nscenes at 128 px, label + photo rendered and PNG-encoded: {per_min:.0f} images/min")
     assert per_min > 1000
+
+
+SMALL = ["--size", "16", "--train-a", "3", "--train-b", "2", "--test", "1"]
+
+
+def test_progress_bars_off_a_terminal_only_when_asked(tmp_path, capsys):
+    from pipeline.synth import main
+
+    assert main(["scenes", str(tmp_path / "quiet"), *SMALL]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["scenes", str(tmp_path / "shown"), *SMALL, "--progress"]) == 0
+    err = capsys.readouterr().err
+    for label, count in (("trainA", 3), ("trainB", 2), ("testA/testB", 1)):
+        assert f"{label}: 100%" in err and f"{count}/{count}" in err, err
+
+
+def test_progress_bars_on_a_terminal_by_default(tmp_path, monkeypatch):
+    import fcntl
+    import os
+    import select
+    import struct
+    import termios
+
+    from pipeline.synth import main
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(["scenes", str(tmp_path / "ds"), *SMALL]) == 0
+        assert main(["scenes", str(tmp_path / "off"), *SMALL, "--no-progress"]) == 0
+        terminal.flush()
+        shown = b""
+        while select.select([master], [], [], 0.5)[0]:
+            shown += os.read(master, 65536)
+    os.close(master)
+    text = shown.decode()
+    # Each split once, from the first run only: --no-progress drew nothing.
+    assert text.count("trainA: 100%") == 1 and "testA/testB: 100%" in text, text

@@ -3,7 +3,6 @@ real MLflow store, on tiny settings."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import subprocess
@@ -66,8 +65,11 @@ def final_checkpoint(home, name):
     return max(states, key=lambda s: s["step"])
 
 
-def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
-    """2 CPU workers, 32 px: metrics at several steps, sample grids, checkpoints, a model."""
+@pytest.fixture(scope="module")
+def e2e_run(ray_head, scenes, tmp_path_factory):
+    """One finished 2-worker run with system metrics and registered models, shared by the
+    checks of what it wrote and of how MLflow's UI shows it; yields (home, CLI result)."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     res = train_cli(
         [
             "--preset",
@@ -92,7 +94,13 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
         {**ray_head.env, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert '"num_workers": 2' in res.stdout  # the resolved config is printed
+    return tmp_path, res
+
+
+def test_two_workers_end_to_end(e2e_run):
+    """2 CPU workers, 32 px: metrics at several steps, sample grids, checkpoints, a model."""
+    tmp_path, res = e2e_run
+    assert "scaling.num_workers=2" in res.stdout  # the config's changes from its preset
     client, runs = runs_of(tmp_path)
     assert len(runs) == 1
     run = runs[0]
@@ -101,6 +109,11 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
     assert run.data.params["scaling.num_workers"] == "2"
     assert run.data.tags["checkpoint.storage"].endswith("/e2e")
     assert run.data.tags["data.count_A"] == "24"
+    # MLflow's own tags, which its UI shows; the experiment opens in the training layout.
+    assert run.data.tags["mlflow.source.name"] == "pipeline.train"
+    assert run.data.tags["mlflow.runName"] == "e2e"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     for key in (
         "loss/G_A",
         "loss/G_B",
@@ -151,6 +164,63 @@ def test_two_workers_end_to_end(ray_head, scenes, tmp_path):
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     # The logged model holds the final weights.
     assert torch.equal(net.state_dict()["model.1.weight"], state["nets"]["G_A"]["model.1.weight"])
+
+
+@pytest.mark.browser
+def test_the_run_in_mlflows_ui(e2e_run):
+    """The MLflow UI in headless Chromium, opened at the link the run printed: the training
+    layout (not the GenAI one), the loss charts, the sample grid at two steps, the
+    registered models. A failure leaves failure.png and failure.html in the test's folder."""
+    from PIL import Image
+
+    from tests.browser import body_text, chromium, wait_until
+    from tests.conftest import running_mlflow_server
+
+    home, res = e2e_run
+    link = re.search(r"MLflow\s.*?(/#/experiments/\S+)", res.stdout)
+    assert link, res.stdout[-3000:]
+    page = link.group(1)
+    assert "workflowType=machine_learning" in page
+    client, (run,) = runs_of(home)
+    out = home / "browser"
+    out.mkdir()
+    with running_mlflow_server(home) as uri, chromium(out) as driver:
+        driver.get(uri + page)
+        # The run's overview in the training layout, with the registered models.
+        text = wait_until(driver, lambda d: "e2e-AtoB" in body_text(d) and body_text(d), 60,
+                          "the run page listing the registered model")  # fmt: skip
+        assert "Model metrics" in text and "Evaluation runs" not in text, text[:2000]
+        assert "e2e-BtoA" in text and "pipeline.train" in text
+        # The loss curves.
+        base, _, query = page.partition("?")
+        driver.get(f"{uri}{base}/model-metrics?{query}")
+        search = wait_until(driver, lambda d: d.find_elements(
+            "css selector", "input[placeholder*='Search metric charts']"), 60, "the charts")  # fmt: skip
+        search[0].send_keys("loss/")  # the loss section alone (sections render when in view)
+        wait_until(driver, lambda d: all(k in body_text(d) for k in ("G_A", "D_B", "cycle_A")),
+                   60, "the loss charts")  # fmt: skip
+        charts = driver.find_elements("css selector", ".js-plotly-plot, svg.main-svg")
+        assert charts, "no chart drawn"
+        # The sample grid, at two different steps, shown as images.
+        driver.get(f"{uri}{base}/artifacts?{query}")
+        wait_until(driver, lambda d: d.find_elements("xpath", "//*[text()='images']"), 60,
+                   "the artifact tree")[0].click()  # fmt: skip
+
+        def sample_steps(d) -> list[int]:
+            found = sorted({int(m) for m in re.findall(r"samples\+step\+(\d+)\+", body_text(d))})
+            return found if len(found) >= 2 else []
+
+        steps = wait_until(driver, sample_steps, 30, "samples at two steps in the artifact tree")
+        for step in steps[:2]:
+            name = wait_until(driver, lambda d, s=step: [
+                e for e in d.find_elements("xpath", f"//*[contains(text(), 'samples+step+{s}+')]")
+                if e.text.endswith(".png")], 30, f"the step {step} sample")  # fmt: skip
+            name[0].click()
+            width = wait_until(driver, lambda d: max([d.execute_script(
+                "return arguments[0].naturalWidth", i) for i in d.find_elements(
+                "css selector", "img[src^='blob:']")] or [0]), 30, f"the step {step} image")  # fmt: skip
+            (png,) = home.glob(f"mlartifacts/**/images/samples+step+{step}+*.png")
+            assert width == Image.open(png).width  # the logged grid itself, row labels too
 
 
 def test_resume_equals_uninterrupted(ray_head, scenes, tmp_path):
@@ -312,52 +382,6 @@ def test_nonfinite_loss_stops_naming_the_step(ray_head, scenes, tmp_path):
     )
     _, runs = runs_of(tmp_path)
     assert runs[0].info.status == "FAILED"
-
-
-def test_job_submit(ray_head, scenes, tmp_path):
-    """`ray job submit` of a tiny run to the local head: SUCCEEDED, run visible in MLflow."""
-    import os
-
-    env = {**os.environ, **ray_head.env}
-    runtime_env = json.dumps(
-        {"env_vars": {"CYCLEGAN_HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}}
-    )
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--address",
-        ray_head.dashboard,
-        "--working-dir",
-        str(REPO),
-        "--runtime-env-json",
-        runtime_env,
-        "--",
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        "--preset",
-        "tiny",
-        "--data",
-        scenes,
-        "--name",
-        "job",
-        "--max-steps",
-        "4",
-        "--set",
-        "tracking.log_model=false",
-    ]
-    deadline = time.monotonic() + 90
-    while True:  # a fresh head's job agent takes a few seconds to come up
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-        if "No available agent" not in res.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(3)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "succeeded" in res.stdout.lower()
-    _, runs = runs_of(tmp_path)
-    assert [r.info.run_name for r in runs] == ["job"]
-    assert runs[0].info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.images import encode_image
-from pipeline.progress import Progress
+from pipeline.progress import progress_bar
 from pipeline.scenes.render import render_label, render_scene
 from pipeline.shards import (
     DEFAULT_SHARD_BYTES,
@@ -43,10 +43,12 @@ def write_scenes(
     seed: int = 0,
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool | None = None,
 ) -> dict:
     """Render the scenes dataset to ``dest`` (shards + manifest); return a summary with timing.
 
     ``images_per_min`` counts rendering and PNG encoding only (one core), not storage.
+    ``progress``: a bar per split on stderr (None: only when stderr is a terminal).
     """
     if train_a < 1 or train_b < 1 or test < 0:
         raise ValueError(
@@ -67,7 +69,7 @@ def write_scenes(
     try:
         for split, count, targets in plan:
             split_entries, split_written, seconds = _write_split(
-                dest, split, count, targets, size, seed, shard_bytes, generation
+                dest, split, count, targets, size, seed, shard_bytes, generation, progress
             )
             entries.update(split_entries)
             written.extend(split_written)
@@ -101,11 +103,11 @@ def _write_split(
     seed: int,
     shard_bytes: int,
     generation: str = "",
+    progress: bool | None = None,
 ) -> tuple[dict[str, dict], list[str], float]:
     """Write the ``count`` scenes of ``split`` to each dataset of ``targets`` (its label or its
     photo): (manifest entry per dataset, shard paths written, seconds spent rendering and
     encoding). On an exception the shards of this split are deleted before it propagates."""
-    progress = Progress("/".join(targets), count)
     entries, written, render_s = {}, [], 0.0
     # Each writer closes on success and deletes its own shards on an exception.
     with contextlib.ExitStack() as stack:
@@ -113,6 +115,7 @@ def _write_split(
             name: stack.enter_context(ShardWriter(dest, name, shard_bytes, generation))
             for name in targets
         }
+        bar = stack.enter_context(progress_bar("/".join(targets), count, progress))
         for i in range(count):
             t0 = time.perf_counter()
             index = scene_index(split, i)
@@ -129,7 +132,7 @@ def _write_split(
             render_s += time.perf_counter() - t0
             for name, data in encoded.items():
                 writers[name].add(f"{i:06d}.png", data, size, size, "PNG")
-            progress.update(i + 1)
+            bar.update()
         for name, writer in writers.items():
             entries[name] = writer.close()
             written.extend(writer.written)
