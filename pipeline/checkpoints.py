@@ -215,13 +215,28 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def staging_base() -> str:
+    """Where a worker stages its checkpoints: the Ray node's own temp folder (what a lost node
+    leaves behind is Ray's, like its spilled objects), else the system's."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            base = os.path.join(ray.get_runtime_context().get_temp_dir(), "cyclegan-staging")
+            os.makedirs(base, exist_ok=True)
+            return base
+        except (OSError, AssertionError, AttributeError):
+            pass
+    return tempfile.gettempdir()
+
+
 def report(runtime, metrics: dict, ckpt: dict | None, say: Callable[[str], None]) -> None:
     """Report ``metrics`` (a barrier on every rank) with ``ckpt`` where this rank passes one
     (rank 0); the checkpoint is staged in a folder named after this process."""
     if ckpt is None:
         runtime.report(metrics, None)
         return
-    base = tempfile.gettempdir()
+    base = staging_base()
     for path in remove_orphaned_staging(base):
         say(f"[train] removed {path}, left by a worker that was killed while reporting")
     with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=base) as tmp:

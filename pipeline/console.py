@@ -19,7 +19,8 @@ VERBOSE_ENV = "CYCLEGAN_VERBOSE"
 """Set (to 1) by ``--verbose``: Ray's own output stays on, here and in the workers."""
 
 # Ray's loggers whose INFO lines are about Ray's machinery, not the user's run.
-RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")
+# Tune's own lines (trial status, PBT's exploits) stay: they are the sweep's story.
+RAY_LOGGERS = ("ray.data", "ray.train", "ray.air", "ray.util")
 
 
 def verbose() -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 from dataclasses import dataclass, field
 
-from pipeline import console, ray_cluster, runs, storage, tracking
+from pipeline import checkpoints, console, ray_cluster, runs, storage, tracking
 from pipeline.plan import RunPlan, public_config
 
 
@@ -48,7 +49,14 @@ def open_mlflow_run(plan: RunPlan, parent_run_id: str | None = None) -> str:
 
 def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from pipeline.data import build_datasets
@@ -76,6 +84,8 @@ def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
             name=plan.name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Ray Train's own INFO lines (worker-group start, every report) only with --verbose.
+            logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "WARNING"),
             callbacks=callbacks or [],
             **storage_kwargs,
         ),
@@ -84,6 +94,26 @@ def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
             execution_options=ExecutionOptions(preserve_order=cfg.data.deterministic)
         ),
     )
+
+
+def final_checkpoint(plan: RunPlan, result) -> tuple[object | None, int]:
+    """The run's final checkpoint and step. Ray's result names the newest checkpoint it
+    recorded; a worker or node lost just after writing a newer one leaves that one unrecorded
+    (the restarted workers resume from it, see ``worker.restore``), so when the run folder
+    holds a newer one, the newest whole checkpoint there is the run's final state."""
+    from ray.train import Checkpoint
+
+    recorded = result.checkpoint
+    step = int((result.metrics or {}).get("step", 0))
+    fs, run_dir = storage.resolve(plan.run_uri)
+    folders = checkpoints.checkpoint_folders(fs, run_dir, plan.run_uri)
+    newest = max((posixpath.basename(f.rstrip("/")) for f in folders), default=None)
+    if newest is None or (
+        recorded is not None and posixpath.basename(recorded.path.rstrip("/")) >= newest
+    ):
+        return recorded, step
+    path, ckpt = checkpoints.newest_loadable(fs, run_dir, plan.run_uri)
+    return Checkpoint(path, filesystem=fs), int(ckpt["step"])
 
 
 def _storage_failure(plan: RunPlan, exc: BaseException) -> storage.StorageError | None:
@@ -122,7 +152,7 @@ def train(
         print(console.header(plan, experiment, use_gpu, storage.redact(joined)), flush=True)
         try:
             result = build_trainer(plan, use_gpu, callbacks).fit()
-            checkpoint = result.checkpoint
+            checkpoint, step = final_checkpoint(plan, result)
             if checkpoint is not None and cfg.tracking.log_model:
                 tracking.log_generators(cfg, plan.run_id, checkpoint)
         except BaseException as exc:
@@ -135,7 +165,6 @@ def train(
                 raise failure from exc
             raise
         tracking.finish_run(cfg, plan.run_id, "FINISHED")
-        step = int(result.metrics.get("step", 0)) if result.metrics else 0
         path = checkpoint.path if checkpoint else None
         return TrainResult(plan.name, plan.run_id, path, step, dict(result.metrics or {}))
     finally:

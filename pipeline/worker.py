@@ -348,18 +348,14 @@ def state_checkpoint(plan: RunPlan, state: TrainState) -> dict:
     )
 
 
-def report_finished(runtime, plan: RunPlan, state: TrainState, evaluator: Evaluator) -> None:
-    """A run restored at its last step trains no more, but reports once, with its checkpoint:
-    whoever waits for its result (the driver, Tune's scheduler) gets the final step, the
-    held-out scores and the final weights, also when the report of the last checkpoint was
-    cut short (a worker or node lost just after writing it)."""
+def report_finished(runtime, state: TrainState, evaluator: Evaluator) -> None:
+    """A run restored at its last step (a sweep resumed after the run had ended) trains no
+    more, but reports once, without a new checkpoint: whoever waits for its result (Tune's
+    scheduler) gets the step and the held-out scores."""
     metrics = {"step": state.step, "epoch": state.epoch}
-    ckpt = None
-    if runtime.rank == 0:
-        if evaluator.enabled:
-            metrics.update(evaluator.scores(state.nets))
-        ckpt = state_checkpoint(plan, state)
-    checkpoints.report(runtime, metrics, ckpt, say)
+    if runtime.rank == 0 and evaluator.enabled:
+        metrics.update(evaluator.scores(state.nets))
+    runtime.report(metrics, None)
 
 
 def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
@@ -388,7 +384,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
         say(f"[train] {world} worker(s), {steps_per_epoch} steps/epoch, steps {state.step} -> "
             f"{last_step}, precision {dtype or torch.float32}, device {device}")  # fmt: skip
     if state.step >= last_step:
-        report_finished(runtime, plan, state, evaluator)
+        report_finished(runtime, state, evaluator)
     try:
         while state.step < last_step:
             t0 = time.perf_counter()

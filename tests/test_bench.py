@@ -3,7 +3,6 @@ it reports, and the GPU check's refusal without CUDA and its verdicts."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.abc
 import json
@@ -14,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline import config as C
 from pipeline.bench import train_step_flops
 from pipeline.bench.common import gpu_peak_tflops
+from tests.import_guard import refused_imports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,45 +111,12 @@ def test_flops_are_positive_and_scale_with_batch():
 # The GPU check (python -m pipeline.bench gpu): its refusal without CUDA, and its verdicts
 
 
-class RefuseRay(importlib.abc.MetaPathFinder):
-    """Refuses (and records) every import of ``ray`` or of one of its modules."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "ray":
-            self.asked.append(name)
-            raise ImportError(f"{name} is refused here")
-        return None
-
-
-@contextlib.contextmanager
 def without_ray():
-    """Ray (and the bench command's own modules, so their top-level imports run again) hidden
-    from ``sys.modules``, and every import of Ray refused; yields the refused names. Afterwards
-    every module is the one it was before."""
-    saved = dict(sys.modules)
-    for name in list(sys.modules):
-        if name.partition(".")[0] == "ray" or name.startswith("pipeline.bench"):
-            del sys.modules[name]
-    refuse = RefuseRay()
-    sys.meta_path.insert(0, refuse)
-    try:
-        yield refuse.asked
-    finally:
-        sys.meta_path.remove(refuse)
-        for name in [n for n in sys.modules if n not in saved]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-        # A package's attribute names its submodule too: point those back as well.
-        for name, module in saved.items():
-            parent, _, child = name.rpartition(".")
-            if name.startswith("pipeline.bench") and parent in saved:
-                setattr(saved[parent], child, module)
+    """Ray refused; the bench command's own modules imported afresh, so their top-level
+    imports run again."""
+    return refused_imports(("ray",), fresh=lambda name: name.startswith("pipeline.bench"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA sees")
 def test_gpu_check_without_cuda_stops_at_once_without_ray(tmp_path, monkeypatch, capsys):
     # Starting anything (a process, Ray) fails this unit test (tests/conftest.py); a temporary
     # folder made for the runs would land in tmp_path/tmp.

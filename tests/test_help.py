@@ -8,7 +8,6 @@ hidden and refused, then restores every module as it was.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.abc
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.import_guard import refused_imports
+
 VERBS = ("train", "tune", "ablation", "translate", "evaluate", "export", "prepare", "synth")
 HEAVY = ("torch", "ray", "mlflow", "pyarrow")
 FRESH = ("pipeline", "cyclegan")
@@ -26,37 +27,10 @@ HELP_SECONDS = 3.0
 """Generous on purpose: measured well under a second; CI machines are slow and loaded."""
 
 
-class RefuseHeavy(importlib.abc.MetaPathFinder):
-    """Refuses (and records) every import of a ``HEAVY`` package or of one of its modules."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HEAVY:
-            self.asked.append(name)
-            raise ImportError(f"{name} is refused here: a parser must not import it")
-        return None
-
-
-@contextlib.contextmanager
 def without_heavy_modules():
-    """Hide ``HEAVY`` and ``FRESH`` modules from ``sys.modules`` and refuse ``HEAVY`` imports,
-    so ``pipeline`` runs its module-level code again; yields the refused names. Afterwards
-    every module is the one it was before (nothing imported meanwhile stays)."""
-    saved = dict(sys.modules)
-    for name in list(sys.modules):
-        if name.partition(".")[0] in HEAVY + FRESH:
-            del sys.modules[name]
-    refuse = RefuseHeavy()
-    sys.meta_path.insert(0, refuse)
-    try:
-        yield refuse.asked
-    finally:
-        sys.meta_path.remove(refuse)
-        for name in [n for n in sys.modules if n not in saved]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+    """``HEAVY`` refused; ``pipeline`` and ``cyclegan`` imported afresh, so their module-level
+    code runs again."""
+    return refused_imports(HEAVY, fresh=lambda name: name.partition(".")[0] in FRESH)
 
 
 def test_the_guard_refuses_a_heavy_import():

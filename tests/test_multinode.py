@@ -151,8 +151,13 @@ def test_run_on_a_second_node_survives_losing_it(
             "PYTHONUNBUFFERED": "1",
         }
         job_id = f"multinode-{uuid.uuid4().hex[:8]}"
+        # The job's working folder is the driver's own (the project is installed on every
+        # node); no node can see it.
+        workdir = tmp_path / "job"
+        workdir.mkdir()
+        (workdir / "NOTE").write_text("the job's working folder\n")
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard,
-               "--submission-id", job_id, "--no-wait", "--working-dir", str(REPO),
+               "--submission-id", job_id, "--no-wait", "--working-dir", str(workdir),
                "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
                sys.executable, "-m", "pipeline.train", "--preset", "tiny", "--data", data,
                "--storage", runs, "--name", name, "--max-steps", str(PLANNED),

@@ -297,13 +297,13 @@ def test_worker_killed_from_outside_then_ctrl_c_then_resume(ray_head, scenes, tm
     import os
     import shutil
     import signal
-    import tempfile
 
     from pipeline.checkpoints import STAGING_PREFIX
     from tests.test_staging import dead_pid
 
-    orphan = Path(tempfile.gettempdir()) / f"{STAGING_PREFIX}{dead_pid()}-test"
-    orphan.mkdir()
+    # Workers stage checkpoints in their Ray node's temp folder.
+    orphan = Path(ray_head.temp) / "cyclegan-staging" / f"{STAGING_PREFIX}{dead_pid()}-test"
+    orphan.mkdir(parents=True)
     (orphan / "checkpoint.pt").write_bytes(os.urandom(1000))
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
