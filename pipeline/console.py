@@ -40,16 +40,26 @@ def quiet_ray(is_verbose: bool | None = None) -> None:
         return
     # MLflow's own "View run ... at" lines: the header already gives the run's link.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.update(quiet_env())
     quiet_ray_loggers()
     quiet_ray_data()
 
 
-def quiet_ray_loggers() -> None:
-    """Only warnings from Ray's loggers (in a training worker: no per-report dump)."""
+def quiet_ray_loggers(root: bool = False) -> None:
+    """Only warnings from Ray's loggers; with ``root`` (a training worker, where Ray Train
+    logs each report through a logger named after its file) from the root logger too."""
     if verbose():
         return
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if root:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def quiet_env() -> dict[str, str]:
+    """What Ray's worker processes need to stay as quiet as the driver (their Ray Data
+    contexts start with progress bars off)."""
+    return {} if verbose() else {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def quiet_ray_data() -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 
 from pipeline.config import Config
-from pipeline.console import VERBOSE_ENV
+from pipeline.console import VERBOSE_ENV, quiet_env
 
 TEST_HOOKS_ENV = "CYCLEGAN_FAULT_"
 """Variables with this prefix reach the workers: the test suite's fault injection."""
@@ -25,6 +25,7 @@ def worker_env(cfg: Config) -> dict[str, str]:
     env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_HOOKS_ENV)})
     if os.environ.get(VERBOSE_ENV):
         env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
+    env.update(quiet_env())
     return env
 
 

@@ -361,7 +361,7 @@ def report_finished(runtime, state: TrainState, evaluator: Evaluator) -> None:
 def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
     """One rank's training, from its plan (``loop_config["plan"]``) to the planned step."""
     plan: RunPlan = loop_config["plan"]
-    console.quiet_ray_loggers()
+    console.quiet_ray_loggers(root=True)
     cfg, runtime = plan.config, runtime or TrainRuntime()
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(plan.threads_per_worker)
