@@ -19,7 +19,17 @@ import pytest
 
 from tests.import_guard import refused_imports
 
-VERBS = ("train", "tune", "ablation", "translate", "evaluate", "export", "prepare", "synth")
+VERBS = (
+    "train",
+    "tune",
+    "ablation",
+    "translate",
+    "evaluate",
+    "export",
+    "prepare",
+    "synth",
+    "serve",
+)
 HEAVY = ("torch", "ray", "mlflow", "pyarrow")
 FRESH = ("pipeline", "cyclegan")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,501 @@
+"""Serving with Ray Serve: request checks, grouping, the page and translate's preprocessing in
+this process; then the real app on the shared Ray head (tests marked integration): the API, bad
+inputs, batching, equality with translate, the page in Chromium, and a redeploy to a new model
+version behind an alias while a client keeps sending requests."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cyclegan.config import ModelConfig
+from cyclegan.networks import ResnetGenerator
+from pipeline import serving
+from pipeline.serving import GeneratorService, Prepared, RequestError, ServeSettings
+
+REPO = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(0)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A small file that decodes to 4100 x 4100 pixels, over Pillow's and our limit."""
+    buffer = io.BytesIO()
+    Image.new("1", (4100, 4100)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def tiny_service(max_pixels: int = serving.DEFAULT_MAX_PIXELS) -> GeneratorService:
+    torch.manual_seed(0)
+    nets = {"AtoB": ResnetGenerator(3, 3, 8, 1).eval(), "BtoA": ResnetGenerator(3, 3, 8, 1)}
+    cfgs = dict.fromkeys(nets, ModelConfig(ngf=8, n_blocks=1))
+    settings = ServeSettings("mem", "mem", ("AtoB", "BtoA"), max_pixels=max_pixels)
+    return GeneratorService(nets, cfgs, {"kind": "checkpoint"}, settings)
+
+
+# in this process
+
+
+BAD_REQUESTS = [
+    # (direction, body, query, status, words of the message)
+    ("AtoB", b"", {}, 400, "empty body"),
+    ("AtoB", b"hello, not an image", {}, 415, "not an image"),
+    ("AtoB", image_bytes(40, 30)[:80], {}, 400, "truncated"),
+    ("AtoB", bomb_png(), {}, 413, "decompression bomb"),
+    ("CtoD", image_bytes(8, 8), {}, 404, "unknown direction 'CtoD'"),
+    ("AtoB", image_bytes(8, 8), {"size": "big"}, 400, "not a whole number"),
+    ("AtoB", image_bytes(8, 8), {"size": "2"}, 400, "size=2: must be from 4"),
+    ("AtoB", image_bytes(8, 8), {"format": "gif"}, 400, "use one of png, jpeg, webp"),
+    ("AtoB", image_bytes(8, 8), {"quality": "9"}, 400, "unknown query parameter(s) quality"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=lambda c: c[4])
+def test_bad_requests_get_a_4xx_naming_the_problem(case):
+    direction, body, query, status, words = case
+    with pytest.raises(RequestError) as refused:
+        tiny_service().prepare(direction, body, query)
+    assert refused.value.status == status and words in refused.value.message
+
+
+def test_the_pixel_limit_applies_to_the_upload_and_to_the_size_asked():
+    service = tiny_service(max_pixels=64 * 64)
+    with pytest.raises(RequestError, match="exceeds the limit of 4096") as refused:
+        service.prepare("AtoB", image_bytes(80, 60), {})
+    assert refused.value.status == 413
+    with pytest.raises(RequestError, match=r"size=60 makes 90x60") as refused:
+        service.prepare("AtoB", image_bytes(45, 30), {"size": "60"})
+    assert refused.value.status == 413
+    assert service.prepare("AtoB", image_bytes(45, 30), {"size": "40"}).pixels.shape == (40, 60, 3)
+
+
+def test_a_direction_the_model_lacks_is_a_404():
+    service = tiny_service()
+    one = GeneratorService(
+        {"BtoA": service.nets["BtoA"]}, {"BtoA": ModelConfig()}, {}, service.settings
+    )
+    with pytest.raises(RequestError, match="serves BtoA only, not AtoB") as refused:
+        one.prepare("AtoB", image_bytes(8, 8), {})
+    assert refused.value.status == 404 and one.info["directions"] == ["BtoA"]
+
+
+def test_routes_and_methods():
+    service = tiny_service()
+    assert service.route("GET", "/") == ("page", None)
+    assert service.route("GET", "/healthz") == ("healthz", None)
+    assert service.route("GET", "/info/") == ("info", None)
+    assert service.route("POST", "/translate/BtoA") == ("translate", "BtoA")
+    for method, path, status in (
+        ("GET", "/translate/AtoB", 405),
+        ("POST", "/info", 405),
+        ("GET", "/nowhere", 404),
+        ("POST", "/translate/AtoB/more", 404),
+    ):
+        with pytest.raises(RequestError) as refused:
+            service.route(method, path)
+        assert refused.value.status == status, (method, path)
+    info = json.loads(service.answer("info").body)
+    assert info["directions"] == ["AtoB", "BtoA"] and info["architecture"]["AtoB"]["ngf"] == 8
+    assert service.answer("healthz").body == b"ok\n"
+
+
+def test_a_batch_is_one_forward_per_direction_and_size():
+    service = tiny_service()
+    calls = []
+    for direction, net in service.nets.items():
+        net.register_forward_hook(
+            lambda _m, inputs, _o, d=direction: calls.append((d, tuple(inputs[0].shape)))
+        )
+    sizes = [("AtoB", 20, 12), ("AtoB", 12, 20), ("AtoB", 20, 12), ("BtoA", 20, 12)]
+    items = [
+        Prepared(d, RNG.integers(0, 256, (h, w, 3), dtype=np.uint8), "PNG") for d, w, h in sizes
+    ]
+    groups = serving.group_by_size(items)
+    assert groups == {("AtoB", 12, 20): [0, 2], ("AtoB", 20, 12): [1], ("BtoA", 12, 20): [3]}
+    outputs = service.translate(items)
+    assert sorted(calls) == [
+        ("AtoB", (1, 3, 20, 12)),
+        ("AtoB", (2, 3, 12, 20)),
+        ("BtoA", (1, 3, 12, 20)),
+    ]
+    assert service.stats()["batch_sizes"] == {"4": 1} and service.stats()["forwards"] == 3
+    for item, out in zip(items, outputs, strict=True):
+        assert out.shape == item.pixels.shape and out.dtype == np.uint8
+        alone = serving.translate_prepared(service.nets, [item], service.device)[0]
+        assert np.abs(alone.astype(int) - out).max() <= 1  # batched = alone, within rounding
+
+
+def test_the_page_names_the_endpoints_and_loads_nothing_from_elsewhere():
+    page = serving.page_html(("AtoB", "BtoA"))
+    for needed in ('"translate/"', 'href="info"', 'href="healthz"', 'type="file"', 'id="go"',
+                   '<option value="AtoB">', '<option value="BtoA">', 'id="output"'):  # fmt: skip
+        assert needed in page, needed
+    assert "http://" not in page and "https://" not in page and "//cdn" not in page
+    assert "<link" not in page and "<script src" not in page
+    only = serving.page_html(("BtoA",))
+    assert '<option value="AtoB">' not in only and '<option value="BtoA">' in only
+
+
+def test_served_output_equals_translates(tmp_path, monkeypatch):
+    """The serving path and translate's Ray Data UDF, on the same in-memory generator and the
+    same files: the same bytes, at the stored size and with a shorter side asked for."""
+    import ray
+
+    from pipeline.translation import Translator
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    service = tiny_service()
+    net, cfg = service.nets["AtoB"], ModelConfig(ngf=8, n_blocks=1)
+    payload = {"arch": dataclasses.asdict(cfg), "state": net.state_dict(), "source": "mem"}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = {"a.png": (23, 17, "PNG"), "b.jpg": (45, 30, "JPEG"), "c.webp": (20, 36, "WEBP")}
+    for name, (w, h, fmt) in files.items():
+        (folder / name).write_bytes(image_bytes(w, h, fmt, seed=w))
+    batch = {
+        "path": np.array([str(folder / k) for k in files], dtype=object),
+        "bytes": np.array([(folder / k).read_bytes() for k in files], dtype=object),
+    }
+    for load_size, query in ((None, {}), (14, {"size": "14"})):
+        out = tmp_path / f"out-{load_size}"
+        Translator([payload], str(out), str(folder), load_size, "same", 1)(batch)
+        for name in files:
+            item = service.prepare("AtoB", (folder / name).read_bytes(), query)
+            (served,) = service.translate([item])
+            assert serving.encode(served, item.format) == (out / name).read_bytes(), name
+
+
+def test_settings_and_builder_arguments_are_checked():
+    with pytest.raises(ValueError, match="--max-batch-size: must be >= 1"):
+        ServeSettings("m", "m", ("AtoB",), max_batch_size=0)
+    with pytest.raises(ValueError, match="directions"):
+        ServeSettings("m", "m", ("CtoD",))
+    with pytest.raises(ValueError, match="model=SOURCE"):
+        serving.build_app({"direction": "AtoB"})
+    with pytest.raises(ValueError, match="unknown argument.*colour"):
+        serving.build_app({"model": "m", "colour": "red"})
+    with pytest.raises(ValueError, match="--direction: 'sideways'"):
+        serving.resolve_settings("m", "sideways")
+
+
+def test_an_alias_is_pinned_to_its_version(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setattr("mlflow.tracking.context.git_context._resolve_git_info", dict)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=store)
+    client.create_registered_model("m-AtoB")
+    for _ in range(2):
+        client.create_model_version("m-AtoB", source=str(tmp_path))
+    client.set_registered_model_alias("m-AtoB", "champion", "1")
+    assert serving.pin_source("models:/m-AtoB@champion", store) == "models:/m-AtoB/1"
+    client.set_registered_model_alias("m-AtoB", "champion", "2")
+    assert serving.pin_source("models:/m-AtoB@champion", store) == "models:/m-AtoB/2"
+    assert serving.pin_source("models:/m-AtoB/1", store) == "models:/m-AtoB/1"
+    assert serving.pin_source("runs:/abc", store) == "runs:/abc"
+    with pytest.raises(ValueError, match="models:/m-AtoB@gone: not found"):
+        serving.pin_source("models:/m-AtoB@gone", store)
+
+
+def test_the_serve_config_file_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    tree = yaml.safe_load((REPO / "cluster" / "serve.yml").read_text())
+    schema = ServeDeploySchema.model_validate(tree)
+    (app,) = schema.applications
+    assert app.import_path == "pipeline.serving:build_app" and app.name == serving.APP_NAME
+    assert app.args["model"].startswith("models:/")
+    # Every argument is one build_app knows: it gets as far as resolving the model.
+    with pytest.raises(ValueError, match="model source") as refused:
+        serving.build_app({**app.args, "tracking_uri": "sqlite:////nonexistent/x.db"})
+    assert "unknown argument" not in str(refused.value)
+
+
+# on the shared Ray head
+
+
+def request(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, bytes, str]:
+    """(status, body, content type) of a GET, or a POST of ``body``."""
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as res:
+            return res.status, res.read(), res.headers.get("content-type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("content-type", "")
+
+
+class _Checkpoint:
+    """A Ray Train checkpoint as ``log_generators`` reads it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield str(self.folder)
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    store: str
+    run_dir: Path
+    checkpoints: dict
+    client: object
+    env: dict
+    translated: tuple[bytes, Path]
+    """An image and what ``pipeline.translate`` made of it with version 1, at size 20."""
+
+
+@pytest.fixture(scope="module")
+def served(ray_client, tmp_path_factory):
+    """The app on the shared head, serving ``models:/srv-AtoB@champion`` (version 1 of two
+    registered versions, logged as training logs them); Serve is shut down afterwards."""
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from cyclegan.checkpoint import save_checkpoint
+    from pipeline import tracking
+    from pipeline.config import merge, tiny, with_defaults
+    from pipeline.translation import translate
+    from tests.conftest import free_port
+    from tests.test_export import make_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("serve")
+    store = f"sqlite:///{tmp}/mlflow.db"
+    cfg = with_defaults(
+        merge(tiny(), {"tracking": {"uri": store, "experiment": "serve", "register": "srv"}})
+    )
+    checkpoints = {}
+    for version, seed in ((1, 3), (2, 4)):
+        checkpoints[version] = make_tiny_checkpoint(step=version, seed=seed)
+        folder = tmp / f"v{version}" / "checkpoint_000"
+        save_checkpoint(checkpoints[version], folder / "checkpoint.pt")
+        rid = tracking.start_run(cfg, f"serve-v{version}", {})
+        tracking.log_generators(cfg, rid, _Checkpoint(folder))
+    client = MlflowClient(tracking_uri=store)
+    client.set_registered_model_alias("srv-AtoB", "champion", "1")
+    # Translated before the app takes its CPU: translate's actor takes all CPUs but one.
+    photo = tmp / "in" / "x.png"
+    photo.parent.mkdir()
+    photo.write_bytes(image_bytes(37, 29, seed=5))
+    result = translate(str(tmp / "v1"), "AtoB", str(photo.parent), str(tmp / "out"), load_size=20)
+    assert result["keys"] == ["x.png"]
+    settings = serving.resolve_settings(
+        "models:/srv-AtoB@champion",
+        tracking_uri=store,
+        max_batch_size=4,
+        batch_wait_ms=300,
+        max_pixels=300_000,
+    )
+    assert settings.pinned == "models:/srv-AtoB/1"
+    url = serving.run(settings, "127.0.0.1", free_port())
+    try:
+        yield Served(
+            url, store, tmp / "v1", checkpoints, client, ray_client.env,
+            (photo.read_bytes(), tmp / "out" / "x.png"),
+        )  # fmt: skip
+    finally:
+        serve.shutdown()
+
+
+def eager(state: dict, pixels: np.ndarray) -> np.ndarray:
+    net = ResnetGenerator(3, 3, 8, 1).eval()
+    net.load_state_dict(state)
+    with torch.no_grad():
+        return serving.translate_prepared({"AtoB": net}, [Prepared("AtoB", pixels, "PNG")],
+                                          torch.device("cpu"))[0]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_the_api(served):
+    assert request(served.url + "/healthz")[:2] == (200, b"ok\n")
+    status, body, kind = request(served.url + "/info")
+    info = json.loads(body)
+    assert status == 200 and kind == "application/json"
+    assert info["source"] == "models:/srv-AtoB@champion" and info["loaded"] == "models:/srv-AtoB/1"
+    assert info["directions"] == ["AtoB", "BtoA"] and info["architecture"]["BtoA"]["ngf"] == 8
+    assert info["mlflow_run_id"] and info["mlflow_link"].endswith("workflowType=machine_learning")
+    for direction, fmt, query, out_fmt, size in (
+        ("AtoB", "PNG", "", "PNG", (45, 30)),
+        ("BtoA", "JPEG", "", "JPEG", (45, 30)),
+        ("AtoB", "WEBP", "?size=16", "WEBP", (24, 16)),
+        ("BtoA", "JPEG", "?format=png", "PNG", (45, 30)),
+    ):
+        status, body, kind = request(
+            f"{served.url}/translate/{direction}{query}", image_bytes(45, 30, fmt)
+        )
+        assert status == 200, body[:300]
+        with Image.open(io.BytesIO(body)) as img:
+            assert (img.format, img.size) == (out_fmt, size)
+        assert kind == serving.CONTENT_TYPES[out_fmt]
+    page = request(served.url + "/")
+    assert page[0] == 200 and b"translate/" in page[1] and page[2].startswith("text/html")
+
+
+@pytest.mark.integration
+def test_bad_inputs_get_a_4xx_and_the_replica_keeps_serving(served):
+    good = image_bytes(32, 24)
+    cases = [
+        ("/translate/AtoB", b"", 400),
+        ("/translate/AtoB", image_bytes(40, 30, "JPEG")[:300], 400),
+        ("/translate/AtoB", b"hello", 415),
+        ("/translate/AtoB", good[:60], 400),
+        ("/translate/AtoB", bomb_png(), 413),
+        ("/translate/AtoB", image_bytes(700, 500), 413),  # over this server's --max-pixels
+        ("/translate/CtoD", good, 404),
+        ("/translate/AtoB?size=x", good, 400),
+        ("/nowhere", None, 404),
+        ("/translate/AtoB", None, 405),
+    ]
+    for path, body, status in cases:
+        got, answer, kind = request(served.url + path, body)
+        assert got == status, (path, answer[:300])
+        assert kind == "application/json" and json.loads(answer)["error"], path
+        assert request(served.url + "/translate/AtoB", good)[0] == 200, f"after {path}"
+
+
+@pytest.mark.integration
+def test_concurrent_requests_are_batched(served):
+    before = json.loads(request(served.url + "/stats")[1])
+    bodies = [image_bytes(32, 24, seed=i) for i in range(8)]
+    results: list = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        results[i] = request(served.url + "/translate/AtoB", bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r[0] for r in results] == [200] * len(bodies)
+    after = json.loads(request(served.url + "/stats")[1])
+    new = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert sum(size * n for size, n in new.items()) == len(bodies)
+    assert max(size for size, n in new.items() if n) > 1, after
+    # One forward per batch here: all images are of one size and direction.
+    assert after["forwards"] - before["forwards"] == sum(new.values())
+    # Each answer is its own image's translation, whatever batch it was in.
+    v1 = served.checkpoints[1]["nets"]["G_A"]
+    for body, (_, answer, _) in zip(bodies, results, strict=True):
+        expected = eager(v1, np.asarray(Image.open(io.BytesIO(body)).convert("RGB")))
+        got = np.asarray(Image.open(io.BytesIO(answer)))
+        assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.integration
+def test_served_output_equals_pipeline_translate(served):
+    status, body, _ = request(f"{served.url}/translate/AtoB?size=20", served.translated[0])
+    assert status == 200
+    with Image.open(io.BytesIO(body)) as got, Image.open(served.translated[1]) as want:
+        assert got.size == want.size == (26, 20)
+        assert np.abs(np.asarray(got).astype(int) - np.asarray(want)).max() <= 1
+
+
+@pytest.mark.integration
+@pytest.mark.browser
+def test_the_page_in_chromium(served, tmp_path):
+    from tests.browser import chromium, wait_until
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(image_bytes(40, 28, seed=9))
+    with chromium(tmp_path) as driver:
+        driver.get(served.url + "/")
+        driver.find_element("id", "file").send_keys(str(photo))
+        driver.find_element("css selector", "#direction option[value='BtoA']").click()
+        driver.find_element("id", "go").click()
+        width = wait_until(
+            driver,
+            lambda d: d.execute_script(
+                "const i = document.getElementById('output'); return i.complete && i.naturalWidth"
+            ),
+            60,
+            "the translated image",
+        )
+        assert width == 40
+        assert driver.execute_script("return document.getElementById('input').naturalWidth") == 40
+        assert "done in" in driver.find_element("id", "status").text
+
+
+@pytest.mark.integration
+def test_a_redeploy_to_the_aliased_version_drops_no_request(served):
+    """The alias moves to version 2; ``python -m pipeline.serve --detach`` deploys again while a
+    client keeps sending: every request is answered, first by v1, then by v2."""
+    body = image_bytes(24, 20, seed=11)
+    pixels = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    expected = {v: eager(served.checkpoints[v]["nets"]["G_A"], pixels) for v in (1, 2)}
+    answers: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            status, out, _ = request(served.url + "/translate/AtoB", body)
+            answers.append((status, out))
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        served.client.set_registered_model_alias("srv-AtoB", "champion", "2")
+        port = served.url.rsplit(":", 1)[1]
+        env = {**os.environ, **served.env, "MLFLOW_TRACKING_URI": served.store}
+        res = subprocess.run(
+            [sys.executable, "-m", "pipeline.serve", "--model", "models:/srv-AtoB@champion",
+             "--port", port, "--max-batch-size", "4", "--detach"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        deadline = time.monotonic() + 120
+        while json.loads(request(served.url + "/info")[1])["loaded"] != "models:/srv-AtoB/2":
+            assert time.monotonic() < deadline, "version 2 never answered"
+            time.sleep(0.5)
+        count = len(answers)
+        while len(answers) < count + 3:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        sender.join(120)
+    statuses = [status for status, _ in answers]
+    assert len(statuses) >= 10, "too few requests to say anything"
+    assert statuses == [200] * len(answers), statuses
+    versions = []
+    for _, out in answers:
+        got = np.asarray(Image.open(io.BytesIO(out))).astype(int)
+        versions.append(next(v for v, e in expected.items() if np.abs(got - e).max() <= 1))
+    assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions), versions
+
+
+@pytest.mark.integration
+def test_the_load_test_against_the_running_server(served, capsys):
+    from pipeline.bench import serve_load
+
+    assert serve_load.main(["--url", served.url, "--requests", "6", "--clients", "3"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 4 | 6 x 3 |"))
+    assert row.endswith("| 0 |"), out  # nothing failed
+    assert serve_load.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert serve_load.percentile([1.0, 2.0], 0.99) == pytest.approx(1.99)
