@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BASE_STAMP := $(VENV)/.installed-base
 # Where the embedded defaults live: shards, checkpoints, the MLflow store (absolute path).
 export CYCLEGAN_HOME ?= $(CURDIR)/runs
 # A local Ray started by these targets runs without token auth (see README, "Ray jobs").
@@ -13,10 +14,11 @@ DASHBOARD_PORT ?= 8265
 UI_PORT ?= 5000
 ARGS ?=
 
-.PHONY: setup test test-fast lint format train data ui bench ray-up-local ray-down-local cluster-local submit-demo clean help
+.PHONY: setup setup-base test test-fast lint format train data ui bench ray-up-local ray-down-local cluster-local submit-demo clean help
 
 help:
 	@echo "make setup          create $(VENV) and install the project with its test tools"
+	@echo "make setup-base     the same without the test tools (what make train installs)"
 	@echo "make train          train the demo preset on the built-in scenes data (ARGS='...' adds flags)"
 	@echo "make test           run the whole test suite"
 	@echo "make lint           ruff lint + format check"
@@ -27,13 +29,21 @@ help:
 	@echo "make cluster-local  a local head plus a second node in its own mount namespace"
 	@echo "make submit-demo    submit the demo training as a Ray job to the local head"
 
-$(STAMP): pyproject.toml constraints.txt
+# Two stamps: the package alone (what training, the UI and Ray need) and, on top, the test
+# tools (what the tests, lint and the GPU check need).
+$(BASE_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+setup-base: $(BASE_STAMP)
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
@@ -49,7 +59,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-data: setup
+data: setup-base
 	@test -f $(CYCLEGAN_HOME)/data/scenes/manifest.json || \
 		$(PY) -m pipeline.synth scenes $(CYCLEGAN_HOME)/data/scenes
 
@@ -66,17 +76,17 @@ bench: setup
 gpu-check: setup
 	$(PY) -m pipeline.bench gpu $(ARGS)
 
-ui: setup
+ui: setup-base
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CYCLEGAN_HOME)/mlflow.db \
 		--default-artifact-root $(CYCLEGAN_HOME)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
-ray-up-local: setup
+ray-up-local: setup-base
 	@# Two logical CPUs beyond the cores, so data decoding always fits beside training workers;
 	@# idle workers kept a minute, so the data-decoding workers live from one pass to the next.
 	RAY_idle_worker_killing_time_threshold_ms=60000 $(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
 		--dashboard-port $(DASHBOARD_PORT) --include-dashboard true --num-cpus $$(( $$(nproc) + 2 ))
 
-ray-down-local: setup
+ray-down-local: setup-base
 	$(VENV)/bin/ray stop
 
 # A second node on this machine in its own mount namespace (cluster/start_node.sh): it sees
