@@ -21,11 +21,28 @@ shift 3
 case "$name" in *[!A-Za-z0-9_-]* | "") echo "start_node.sh: bad node name '$name'" >&2; exit 2 ;; esac
 mkdir -p "$private/tmp" "$private/home"
 private=$(cd "$private" && pwd)
+# The project and its venv stay visible where they live under /tmp (a checkout in a temporary
+# folder): they are the node's installed software, not the driver's files.
+project=$(cd "$(dirname "$0")/.." && pwd)
+ray_bin=$(command -v "${RAY:-ray}")
+venv=$(cd "$(dirname "$ray_bin")/.." && pwd)
+keep=""
+case "$venv" in "$project"/*) venv="$project" ;; esac
+for dir in $(printf '%s\n%s\n' "$project" "$venv" | sort -u); do
+    case "$dir" in /tmp/*) keep="$keep$dir
+" ;; esac
+done
 if [ "$(id -u)" = 0 ]; then
     namespace=(unshare --mount --propagation private)
 else
     namespace=(unshare --user --map-root-user --mount --propagation private)
 fi
-exec env -u CYCLEGAN_HOME HOME="$private/home" "${namespace[@]}" \
-    sh -c 'mount --bind "$0" /tmp && exec "$@"' "$private/tmp" \
-    "${RAY:-ray}" start --address="$address" --temp-dir="/tmp/ray-$name" --disable-usage-stats "$@"
+# Inside the namespace: each kept folder is bound into the private /tmp at its own path, then
+# the private /tmp (with those binds) replaces /tmp.
+exec env -u CYCLEGAN_HOME HOME="$private/home" KEEP="$keep" "${namespace[@]}" sh -c '
+    printf "%s" "$KEEP" | while IFS= read -r dir; do
+        [ -n "$dir" ] || continue
+        mkdir -p "$0/${dir#/tmp/}" && mount --bind "$dir" "$0/${dir#/tmp/}" || exit 1
+    done || exit 1
+    mount --rbind "$0" /tmp && exec "$@"' "$private/tmp" \
+    "$ray_bin" start --address="$address" --temp-dir="/tmp/ray-$name" --disable-usage-stats "$@"
