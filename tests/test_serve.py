@@ -26,7 +26,7 @@ from PIL import Image
 
 from cyclegan.config import ModelConfig
 from cyclegan.networks import ResnetGenerator
-from pipeline import serving
+from pipeline import serving, serving_page
 from pipeline.serving import GeneratorService, Prepared, RequestError, ServeSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,13 +150,13 @@ def test_a_batch_is_one_forward_per_direction_and_size():
 
 
 def test_the_page_names_the_endpoints_and_loads_nothing_from_elsewhere():
-    page = serving.page_html(("AtoB", "BtoA"))
+    page = serving_page.page_html(("AtoB", "BtoA"))
     for needed in ('"translate/"', 'href="info"', 'href="healthz"', 'type="file"', 'id="go"',
                    '<option value="AtoB">', '<option value="BtoA">', 'id="output"'):  # fmt: skip
         assert needed in page, needed
     assert "http://" not in page and "https://" not in page and "//cdn" not in page
     assert "<link" not in page and "<script src" not in page
-    only = serving.page_html(("BtoA",))
+    only = serving_page.page_html(("BtoA",))
     assert '<option value="AtoB">' not in only and '<option value="BtoA">' in only
 
 
