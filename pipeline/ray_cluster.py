@@ -95,6 +95,22 @@ def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = N
     return True
 
 
+CONTROLLER_POLL_S = "0.1"
+"""How often Ray Train's controller polls its workers (Ray's default is 2 s). A worker's report
+waits in a queue of one until the next poll, so at the default every report after the first
+within 2 s stalls the step: a run that checkpoints every few seconds spent most of its time
+there. A poll is one small actor call per worker."""
+
+
+def train_controller_env(started_here: bool) -> None:
+    """Settings Ray Train's controller reads from the driver's environment (it passes them on
+    to the controller and the workers); a value the user set is kept."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
+    if started_here:
+        # A private single-node Ray is never drained: no preemption watcher actor to start.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def _placement_problems(cfg: Config, use_gpu: bool) -> list[str]:
     import ray
 

@@ -144,6 +144,7 @@ def train(
     console.quiet_ray()
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     started_here = ray_cluster.connect(cfg, workers_cpus, address=plan.address)
+    ray_cluster.train_controller_env(started_here)
     try:
         use_gpu = ray_cluster.check_resources(cfg, local=started_here)
         plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))
