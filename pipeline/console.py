@@ -13,7 +13,7 @@ import os
 import sys
 
 from pipeline import config as C
-from pipeline import storage
+from pipeline import overrides, storage
 
 VERBOSE_ENV = "CYCLEGAN_VERBOSE"
 """Set (to 1) by ``--verbose``: Ray's own output stays on, here and in the workers."""
@@ -80,8 +80,8 @@ def config_diff(cfg: C.Config) -> list[str]:
     with credentials masked); the run name and resume flag are left out."""
     from pipeline.plan import public_config
 
-    base = C.flatten(public_config(C.preset(cfg.preset)))
-    mine = C.flatten(public_config(cfg))
+    base = overrides.flatten(public_config(C.preset(cfg.preset)))
+    mine = overrides.flatten(public_config(cfg))
     skip = {"storage.name", "storage.resume", "preset"}
     return [f"{k}={v}" for k, v in mine.items() if k not in skip and base.get(k) != v]
 

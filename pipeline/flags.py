@@ -92,13 +92,14 @@ def _flag_tree(args: argparse.Namespace) -> dict:
 def build_config(args: argparse.Namespace, saved: dict | None = None) -> Config:
     """Preset (or a resumed run's saved config), then file, then --set, then flags."""
     from pipeline import config as C
+    from pipeline import overrides
 
     cfg = C.from_dict(saved) if saved else C.preset(args.preset)
     tree: dict = {}
     if args.config:
         _deep_update(tree, C.load_file(args.config))
     for item in args.set:
-        _deep_update(tree, C.parse_override(item))
+        _deep_update(tree, overrides.parse_override(item))
     _deep_update(tree, _flag_tree(args))
     cfg = C.merge(cfg, tree)
     if args.epochs is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import yaml
 
 from pipeline import config as C
-from pipeline import runs, storage, tracking
+from pipeline import overrides, runs, storage, tracking
 from pipeline.config import Config
 from pipeline.plan import RunPlan, public_config, resolve
 
@@ -61,14 +61,14 @@ def parse_space(items: list[str], pbt: bool = False) -> dict:
         kind, _, args = spec.partition(":")
         if not sep or not kind:
             raise ValueError(f"--space {item!r}: expected section.field=kind:args")
-        C.check_key(key.strip(), "--space")
+        overrides.check_key(key.strip(), "--space")
         try:
             if kind in ("loguniform", "uniform", "randint"):
                 lo, hi = (float(x) for x in args.split(":"))
                 fn = {"loguniform": tune.loguniform, "uniform": tune.uniform}.get(kind)
                 space[key] = fn(lo, hi) if fn else tune.randint(int(lo), int(hi))
             elif kind in ("choice", "grid"):
-                values = [C.parse_value(v) for v in args.split(",") if v.strip()]
+                values = [overrides.parse_value(v) for v in args.split(",") if v.strip()]
                 if not values:
                     raise ValueError("no values")
                 if pbt:
@@ -86,7 +86,7 @@ def apply_params(base: dict, params: dict) -> Config:
     """The base config tree with one trial's sampled values."""
     tree = copy.deepcopy(base)
     for key, value in params.items():
-        C.set_keys(tree, key, value)
+        overrides.set_keys(tree, key, value)
     return C.from_dict(tree)
 
 

@@ -26,7 +26,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from cyclegan.config import ModelConfig
-from pipeline.config import Config, default_tracking_uri, flatten
+from pipeline.config import Config, default_tracking_uri
+from pipeline.overrides import flatten
 
 log = logging.getLogger(__name__)
 

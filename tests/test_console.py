@@ -4,6 +4,7 @@ MLflow link in the training layout) and the closing summary."""
 from __future__ import annotations
 
 from pipeline import config as C
+from pipeline import overrides
 from pipeline.console import config_diff, header, mlflow_link, summary
 from pipeline.plan import RunPlan
 from pipeline.training import TrainResult
@@ -16,7 +17,7 @@ def _plan(cfg: C.Config) -> RunPlan:
 
 
 def test_config_diff_lists_only_what_differs_from_the_preset_masked():
-    cfg = C.merge(C.tiny(), C.parse_override("scaling.num_workers=2"))
+    cfg = C.merge(C.tiny(), overrides.parse_override("scaling.num_workers=2"))
     cfg = C.merge(cfg, {"tracking": {"uri": "http://u:secret@127.0.0.1:5000"}})
     diff = config_diff(cfg)
     assert "scaling.num_workers=2" in diff
@@ -35,7 +36,7 @@ def test_the_mlflow_link_opens_the_training_layout():
 
 
 def test_header_names_the_run_data_checkpoints_link_and_changes():
-    plan = _plan(C.merge(C.tiny(), C.parse_override("loss.lambda_cyc=5")))
+    plan = _plan(C.merge(C.tiny(), overrides.parse_override("loss.lambda_cyc=5")))
     text = header(plan, "7", use_gpu=False)
     for part in ("run r1 (preset tiny)", "24 A / 16 B", "s3://b/runs/r1",
                  "#/experiments/7/runs/abc", "loss.lambda_A=5", "2 threads"):  # fmt: skip

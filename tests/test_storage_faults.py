@@ -13,13 +13,13 @@ import boto3
 import pytest
 
 from pipeline.storage import (
-    RetryingS3FileSystem,
     StorageError,
     check_access,
     resolve,
     wrap_error,
     write_bytes_atomic,
 )
+from pipeline.storage.filesystems import RetryingS3FileSystem
 from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
 from tests.test_train_cli import runs_of, start_train, train_cli
 

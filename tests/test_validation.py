@@ -10,6 +10,7 @@ import pytest
 
 from cyclegan.config import AugmentConfig, LossConfig, ModelConfig, OptimConfig
 from pipeline import config as C
+from pipeline import overrides
 
 
 def _float_fields() -> list[tuple[str, str]]:
@@ -34,7 +35,7 @@ def test_non_finite_floats_are_refused_naming_the_field(section, field, value):
     with pytest.raises(ValueError, match=rf"{section}\.{field}"):
         C.merge(C.tiny(), {section: {field: value}})
     with pytest.raises(ValueError, match=rf"{section}\.{field}"):
-        C.merge(C.tiny(), C.parse_override(f"{section}.{field}={value}"))
+        C.merge(C.tiny(), overrides.parse_override(f"{section}.{field}={value}"))
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_non_finite_floats_are_refused_when_built_directly(build, field):
 )
 def test_absurd_values_are_refused_naming_the_field(override, field):
     with pytest.raises(ValueError, match=field):
-        C.merge(C.tiny(), C.parse_override(override))
+        C.merge(C.tiny(), overrides.parse_override(override))
 
 
 def test_the_upper_bounds_themselves_are_accepted():
@@ -127,10 +128,12 @@ def test_a_resumed_name_is_checked_too():
 )
 def test_bad_worker_resources_are_refused_naming_the_field(value):
     with pytest.raises(ValueError, match=r"scaling\.worker_resources"):
-        C.merge(C.tiny(), C.parse_override(f"scaling.worker_resources={value}"))
+        C.merge(C.tiny(), overrides.parse_override(f"scaling.worker_resources={value}"))
 
 
 def test_worker_resources_parse_into_ray_resources():
-    cfg = C.merge(C.tiny(), C.parse_override("scaling.worker_resources=trainer=1, big_mem=0.5"))
+    cfg = C.merge(
+        C.tiny(), overrides.parse_override("scaling.worker_resources=trainer=1, big_mem=0.5")
+    )
     assert cfg.scaling.extra_resources() == {"trainer": 1.0, "big_mem": 0.5}
     assert C.ScalingConfig().extra_resources() == {}

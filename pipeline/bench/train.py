@@ -8,6 +8,7 @@ import statistics
 import time
 
 from pipeline import config as C
+from pipeline import overrides
 from pipeline.bench.common import in_fresh_process, summarize
 
 
@@ -98,7 +99,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                 }
                 run_cfg = C.merge(cfg, tree)
                 for item in args.set:
-                    run_cfg = C.merge(run_cfg, C.parse_override(item))
+                    run_cfg = C.merge(run_cfg, overrides.parse_override(item))
                 out = in_fresh_process(_train_process, run_cfg.to_dict(), home)
                 # The first interval holds Ray Data's start-up and the first batches: warm-up.
                 rate = [v for _, v in out["metrics"]["throughput/images_per_s"][1:]]
