@@ -16,17 +16,16 @@ where to get it. Only zips with trainA/trainB/testA/testB folders can be importe
 printed, and checked when ``--sha256`` gives one. Its members are checked before any is
 extracted (paths that leave the folder, links, size and compression limits), then the trainA,
 trainB, testA and testB folders are imported as ``python -m pipeline.prepare`` would, and the
-work folder is removed. On any error DEST is left as it was. Exit status: 0 on success, 1 on
-any error.
+work folder is removed. On any error DEST is left as it was. Exit status: 0 on success, 2 on
+a bad input (the error names it), 1 on any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 
 from pipeline import exit_with
+from pipeline.flags import add_progress_flag, run_command
 
 MIB = 1024 * 1024
 
@@ -45,11 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BASE",
         help="download BASE/NAME.zip instead of the official server's (a mirror)",
     )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        help="progress bars on stderr (default: only when stderr is a terminal)",
-    )
+    add_progress_flag(parser)
     return parser
 
 
@@ -67,12 +62,11 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pipeline import storage
-    from pipeline.datasets import OFFICIAL_BASE_URL, DownloadError, download_official
-    from pipeline.image_import import PrepareError
-    from pipeline.shards import DatasetError
 
-    try:
+    def body() -> None:
+        from pipeline import storage
+        from pipeline.datasets import OFFICIAL_BASE_URL, download_official
+
         summary = download_official(
             args.name,
             args.dest,
@@ -81,14 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=args.progress,
         )
-    except (DownloadError, PrepareError, DatasetError, storage.StorageError) as exc:
-        print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
-        return 1
-    except Exception:
-        print(storage.redact(traceback.format_exc()), file=sys.stderr)
-        return 1
-    print(storage.redact(format_summary(summary)))
-    return 0
+        print(storage.redact(format_summary(summary)))
+
+    return run_command(body, "download")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ equal)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (bad flag, file, dataset, storage): exit 2, no
-    traceback. (Imported here, not at the top, so ``--help`` stays fast.)"""
+    """Errors that are the user's to fix (bad flag, file, dataset, storage, a download or an
+    image folder): exit 2, no traceback. (Imported here, not at the top, so ``--help`` stays
+    fast; they are needed only when something went wrong.)"""
+    from pipeline.datasets import DownloadError
+    from pipeline.image_import import PrepareError
     from pipeline.shards import DatasetError
     from pipeline.storage import StorageError
 
-    return (ValueError, DatasetError, StorageError)
+    return (ValueError, DatasetError, StorageError, DownloadError, PrepareError)
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -51,10 +54,24 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--verbose", action="store_true",
                    help="keep Ray's own output (Ray Data banners and bars, Ray's log levels)")  # fmt: skip
+    add_address_flag(p)
+
+
+def add_address_flag(p: argparse.ArgumentParser) -> None:
+    """``--address``, the Ray cluster of every command that runs on Ray."""
     p.add_argument(
         "--address",
         help="Ray cluster address, or local for a private one (default: $RAY_ADDRESS, else the "
         "cluster `ray start` runs on this machine, else a private one)",
+    )
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    """``--progress``/``--no-progress``: tqdm bars on stderr (default: on a terminal only)."""
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bars on stderr (default: only when stderr is a terminal)",
     )
 
 

@@ -17,16 +17,16 @@ PNG); ``--reencode`` stores every image in one format (JPEG/WEBP at quality 95).
 
 Unusable files are skipped and listed in the manifest and the summary; ``--strict`` stops at the
 first one. Shards are written first and the manifest last, so an interrupted run never leaves a
-manifest that names missing shards. Exit status: 0 on success, 1 on any error.
+manifest that names missing shards. Exit status: 0 on success, 2 on a bad input (the error
+names it), 1 on any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 
 from pipeline import exit_with
+from pipeline.flags import add_progress_flag, run_command
 
 MIB = 1024 * 1024
 # The library's names and defaults, spelled here so that --help imports no pyarrow (the modules
@@ -88,22 +88,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"only these datasets ({' '.join(SPLITS)})",
     )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        help="progress bars on stderr (default: only when stderr is a terminal)",
-    )
+    add_progress_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
-    from pipeline import storage
-    from pipeline.image_import import PrepareError, prepare
-    from pipeline.shards import DatasetError
 
-    try:
+    def body() -> None:
+        # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
+        from pipeline import storage
+        from pipeline.image_import import prepare
+
         summary = prepare(
             args.src,
             args.dest,
@@ -117,14 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             splits=args.splits,
             progress=args.progress,
         )
-    except (PrepareError, DatasetError, storage.StorageError) as exc:
-        print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
-        return 1
-    except Exception:
-        print(storage.redact(traceback.format_exc()), file=sys.stderr)
-        return 1
-    print(storage.redact(format_summary(summary)))
-    return 0
+        print(storage.redact(format_summary(summary)))
+
+    return run_command(body, "prepare")
 
 
 if __name__ == "__main__":

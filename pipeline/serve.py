@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline import exit_with
-from pipeline.flags import add_model_flags, arch_from_flags, run_command
+from pipeline.flags import add_address_flag, add_model_flags, arch_from_flags, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-replicas", type=int, help="autoscaling bound (default: GPUs, else 1)")
     p.add_argument("--detach", action="store_true", help="deploy into a running cluster, return")
-    p.add_argument(
-        "--address",
-        help="Ray cluster address (default: $RAY_ADDRESS, else the cluster `ray start` runs on "
-        "this machine, else a private one)",
-    )
+    add_address_flag(p)
     return p
 
 

@@ -8,16 +8,16 @@ Usage::
 
 ``scenes`` writes street-scene label maps as trainA/testA and their rendered photos as
 trainB/testB (trainA and trainB show different scenes; the test split is paired), as PNG in
-Parquet shards with a manifest. The same seed gives the same bytes. Exit status: 0 on success,
-1 on any error.
+Parquet shards with a manifest. The same seed gives the same bytes. Exit status: 0 on success, 2 on
+a bad input (the error names it), 1 on any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline import exit_with
+from pipeline.flags import add_progress_flag, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,22 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", type=int, default=100, help="paired test images (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset at DEST")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        help="progress bars on stderr (default: only when stderr is a terminal)",
-    )
+    add_progress_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
-    from pipeline import storage
-    from pipeline.scenes import write_scenes
-    from pipeline.shards import DatasetError
 
-    try:
+    def body() -> None:
+        # Imported after parsing, so that --help loads nothing heavy (tests/test_help.py).
+        from pipeline import storage
+        from pipeline.scenes import write_scenes
+
         summary = write_scenes(
             args.dest,
             args.size,
@@ -60,17 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             args.overwrite,
             progress=args.progress,
         )
-    except (ValueError, DatasetError, storage.StorageError) as exc:
-        print(f"error: {storage.redact(str(exc))}", file=sys.stderr)
-        return 1
-    counts = ", ".join(f"{name} {count}" for name, count in summary["datasets"].items())
-    print(storage.redact(f"wrote {summary['manifest']}: {counts}"))
-    print(
-        f"{summary['images']} images, {summary['bytes'] / 2**20:.1f} MiB in "
-        f"{summary['seconds']:.1f} s; rendering + PNG encoding: "
-        f"{summary['images_per_min']} images/min on one core"
-    )
-    return 0
+        counts = ", ".join(f"{name} {count}" for name, count in summary["datasets"].items())
+        print(storage.redact(f"wrote {summary['manifest']}: {counts}"))
+        print(
+            f"{summary['images']} images, {summary['bytes'] / 2**20:.1f} MiB in "
+            f"{summary['seconds']:.1f} s; rendering + PNG encoding: "
+            f"{summary['images_per_min']} images/min on one core"
+        )
+
+    return run_command(body, "synth")
 
 
 if __name__ == "__main__":

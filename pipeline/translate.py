@@ -32,7 +32,7 @@ import argparse
 import sys
 
 from pipeline import exit_with
-from pipeline.flags import add_model_flags, arch_from_flags, run_command
+from pipeline.flags import add_address_flag, add_model_flags, arch_from_flags, run_command
 
 OUTPUT_FORMATS = ("same", "png", "jpeg", "webp")
 
@@ -57,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, help="actors (default: one per GPU, else 1)")
     p.add_argument("--num-gpus-per-actor", type=float, help="default 1 with GPUs, else 0")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
-    p.add_argument(
-        "--address",
-        help="Ray cluster address, or local for a private one (default: $RAY_ADDRESS, else the "
-        "cluster `ray start` runs on this machine, else a private one)",
-    )
+    add_address_flag(p)
     return p
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from pipeline import config as C
 from pipeline.bench import train_step_flops
 from pipeline.bench.common import gpu_peak_tflops
+from tests.cli import run_module
 from tests.import_guard import refused_imports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,35 +32,11 @@ def cpu_flags() -> set[str]:
 @pytest.mark.integration
 def test_step_cli_writes_json_with_positive_numbers(tmp_path):
     out = tmp_path / "step.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.bench",
-            "step",
-            "--preset",
-            "tiny",
-            "--variants",
-            "fp32,bf16",
-            "--warmup",
-            "1",
-            "--repeats",
-            "1",
-            "--steps-per-repeat",
-            "2",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_module(
+        "pipeline.bench", "step", "--preset", "tiny", "--variants", "fp32,bf16", "--warmup",
+        "1", "--repeats", "1", "--steps-per-repeat", "2", "--threads", "1", "--device", "cpu",
+        "--json", str(out), timeout=120,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert "fp32" in res.stdout and "GFLOP" in res.stdout
     result = json.loads(out.read_text())
@@ -90,13 +65,7 @@ def test_step_cli_writes_json_with_positive_numbers(tmp_path):
 
 @pytest.mark.integration
 def test_unknown_variant_is_refused():
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "step", "--preset", "tiny", "--variants", "fp64"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = run_module("pipeline.bench", "step", "--preset", "tiny", "--variants", "fp64", timeout=60)
     assert res.returncode == 2
     assert "fp64" in res.stderr and "bf16_channels_last" in res.stderr
 

@@ -122,7 +122,7 @@ def test_download_writes_shards_with_the_counts_of_each_split(tmp_path, server, 
 
     # A second run refuses the dataset there before downloading anything.
     asked = len(server.requests)
-    assert download.main(["mini", str(dest), "--url", server.url]) == 1
+    assert download.main(["mini", str(dest), "--url", server.url]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
     assert len(server.requests) == asked
 
@@ -159,7 +159,7 @@ def test_a_bad_checksum_is_refused_and_leaves_nothing(tmp_path, server, capsys):
     data = _serve(server, "mini", _images("mini"))
     dest = tmp_path / "new"
     argv = ["mini", str(dest / "mini"), "--url", server.url, "--sha256", "0" * 64]
-    assert download.main(argv) == 1
+    assert download.main(argv) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and hashlib.sha256(data).hexdigest() in err
     assert not dest.exists(), "the folders it created are gone"
@@ -167,10 +167,10 @@ def test_a_bad_checksum_is_refused_and_leaves_nothing(tmp_path, server, capsys):
     # A DEST that was there keeps what it held, and only that.
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
-    assert download.main(["mini", str(dest), "--url", server.url, "--sha256", "ab" * 32]) == 1
+    assert download.main(["mini", str(dest), "--url", server.url, "--sha256", "ab" * 32]) == 2
     assert os.listdir(dest) == ["notes.txt"]
 
-    assert download.main(["mini", str(dest), "--url", server.url, "--sha256", "xyz"]) == 1
+    assert download.main(["mini", str(dest), "--url", server.url, "--sha256", "xyz"]) == 2
     assert "not 64 hex digits" in capsys.readouterr().err
 
 
@@ -178,7 +178,7 @@ def test_a_member_that_leaves_the_folder_is_refused(tmp_path, server, capsys):
     evil = {**_images("mini"), "mini/trainA/../../../evil.jpg": _jpeg(1)}
     _serve(server, "mini", evil, folders=False)
     dest = tmp_path / "sub" / "dest"
-    assert download.main(["mini", str(dest), "--url", server.url]) == 1
+    assert download.main(["mini", str(dest), "--url", server.url]) == 2
     err = capsys.readouterr().err
     assert "mini/trainA/../../../evil.jpg" in err and "leaves the folder" in err
     assert not dest.exists() and not list(tmp_path.rglob("evil.jpg"))
@@ -196,7 +196,7 @@ def test_member_paths_inside_are_kept():
 
 
 def test_an_unknown_name_lists_the_known_ones(tmp_path, server, capsys):
-    assert download.main(["horse2zebraa", str(tmp_path / "d"), "--url", server.url]) == 1
+    assert download.main(["horse2zebraa", str(tmp_path / "d"), "--url", server.url]) == 2
     err = capsys.readouterr().err
     assert "horse2zebraa" in err
     assert all(name in err for name in datasets.OFFICIAL_NAMES)

@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pipeline.models import (
     load_generator,
     load_generators,
 )
+from tests.cli import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
@@ -307,22 +307,11 @@ def test_missing_onnx_packages_are_named(tmp_path, tiny_generator, monkeypatch):
     assert not list(tmp_path.iterdir())  # nothing half-done
 
 
-def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.integration
 def test_export_cli(tmp_path):
     write_run(tmp_path / "checkpoints", "clirun")
     out = tmp_path / "exported"
-    res = run_cli(
+    res = run_module(
         "pipeline.export",
         "--model",
         "clirun",
@@ -343,12 +332,12 @@ def test_export_cli(tmp_path):
     assert (out / "generator_BtoA.torchscript.pt").is_file()
     assert json.loads((out / "generator_BtoA.json").read_text())["step"] == 3
 
-    res = run_cli(
+    res = run_module(
         "pipeline.export",
         *("--model", str(tmp_path / "missing"), "--out", str(out), "--formats", "torchscript"),
     )
     assert res.returncode == 2
     assert "missing: no such file or folder" in res.stderr
     if not HAS_ONNX:
-        res = run_cli("pipeline.export", "--model", "clirun", "--out", str(out))
+        res = run_module("pipeline.export", "--model", "clirun", "--out", str(out))
         assert res.returncode == 2 and "pip install onnx" in res.stderr

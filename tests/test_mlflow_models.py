@@ -3,12 +3,12 @@ model is refused unless the caller trusts it (in this process, a local SQLite st
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from ray.train import Checkpoint
 from torch import nn
 
 from cyclegan.checkpoint import save_checkpoint
@@ -92,17 +92,6 @@ def test_the_commands_refuse_a_pickled_model_unless_trusted(tmp_path, store, mon
     assert marker.exists() and (tmp_path / "out" / "generator_AtoB.torchscript.pt").is_file()
 
 
-class _Checkpoint:
-    """A Ray Train checkpoint as ``log_generators`` uses it: a folder to look into."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield str(self.folder)
-
-
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory) -> tuple[str, str, dict, Config]:
     """(tracking URI, run id, checkpoint, config) of generators logged as training logs them."""
@@ -116,7 +105,7 @@ def logged(tmp_path_factory) -> tuple[str, str, dict, Config]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("mlflow.tracking.context.git_context._resolve_git_info", dict)
         rid = tracking.start_run(cfg, "gens-run", {})
-        tracking.log_generators(cfg, rid, _Checkpoint(tmp / "ckpt"))
+        tracking.log_generators(cfg, rid, Checkpoint.from_directory(str(tmp / "ckpt")))
     return store, rid, ckpt, cfg
 
 

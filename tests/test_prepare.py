@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pipeline import storage
 from pipeline.image_import import prepare
 from pipeline.images import BadImage, decode, decode_image
 from pipeline.shards import SCHEMA, DatasetError, read_manifest
+from tests.cli import run_module
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,13 +136,7 @@ def _rows(manifest, name: str) -> list[dict]:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("pipeline.prepare", *args, timeout=timeout)
 
 
 def test_prepare_local_keeps_good_images_and_lists_bad_ones(src_expected, tmp_path):

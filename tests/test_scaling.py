@@ -4,9 +4,6 @@ all-reduce formula, the expected cloud curve, and one real 2-process run on the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from cyclegan.networks import build_discriminator, build_generator
 from cyclegan.train_step import build_nets
 from pipeline import config as C
 from pipeline.bench import scaling as S
+from tests.cli import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,15 +172,10 @@ def test_summarize_rounds_predicts_from_both_compute_bases():
 @pytest.mark.integration
 def test_two_process_run_on_tiny(tmp_path):
     out = tmp_path / "scaling.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.scaling", "--preset", "tiny"]
-        + ["--warmup", "1", "--rounds", "2", "--steps-per-round", "1", "--json", str(out)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_module(
+        "pipeline.bench.scaling", "--preset", "tiny", "--warmup", "1", "--rounds", "2",
+        "--steps-per-round", "1", "--json", str(out), timeout=120,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
     assert data["param_counts"] == S.param_counts(C.tiny())

@@ -5,7 +5,6 @@ process are in test_serving_requests.py."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ray.train import Checkpoint
 
 from cyclegan.networks import ResnetGenerator
 from pipeline import serving, serving_requests
@@ -41,17 +41,6 @@ def request(url: str, body: bytes | None = None, timeout: float = 60) -> tuple[i
             return res.status, res.read(), res.headers.get("content-type", "")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), exc.headers.get("content-type", "")
-
-
-class _Checkpoint:
-    """A Ray Train checkpoint as ``log_generators`` reads it."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield str(self.folder)
 
 
 @dataclasses.dataclass
@@ -91,7 +80,7 @@ def served(ray_client, tmp_path_factory):
         folder = tmp / f"v{version}" / "checkpoint_000"
         save_checkpoint(checkpoints[version], folder / "checkpoint.pt")
         rid = tracking.start_run(cfg, f"serve-v{version}", {})
-        tracking.log_generators(cfg, rid, _Checkpoint(folder))
+        tracking.log_generators(cfg, rid, Checkpoint.from_directory(str(folder)))
     client = MlflowClient(tracking_uri=store)
     client.set_registered_model_alias("srv-AtoB", "champion", "1")
     # Translated before the app takes its CPU: translate's actor takes all CPUs but one.

@@ -27,12 +27,8 @@ def train_cli(args, home, env_extra=None, timeout=420):
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "pipeline.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def mlflow_client(home):

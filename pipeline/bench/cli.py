@@ -35,13 +35,10 @@ Ray: run it when no other Ray cluster runs on the host.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 from pipeline import config as C
-from pipeline.bench.common import environment
+from pipeline.bench.common import environment, save_result
 from pipeline.bench.data import bench_data, print_data
 from pipeline.bench.step import DEFAULT_VARIANTS, VARIANTS, bench_step, print_step
 from pipeline.bench.train import bench_train, print_train
@@ -171,9 +168,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     show(result)
-    # Load averages before and after: how busy the machine was around the measurements.
-    result["env"] = {**env, "loadavg_at_end": os.getloadavg()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"[bench] wrote {args.json}")
+    save_result(result, env, args.json, "bench")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.metadata
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -65,6 +66,15 @@ def environment(preset: str) -> dict:
         "git_dirty": bool(_git("status", "--porcelain")),
         "loadavg_at_start": os.getloadavg(),
     }
+
+
+def save_result(result: dict, env: dict, json_path: str | None, tag: str) -> None:
+    """Attach the environment (with the load average at the end: how busy the machine was
+    around the measurements) and write ``result`` to ``json_path`` when one is given."""
+    result["env"] = {**env, "loadavg_at_end": os.getloadavg()}
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[{tag}] wrote {json_path}")
 
 
 def _git(*args: str) -> str | None:

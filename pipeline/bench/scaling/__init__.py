@@ -39,13 +39,11 @@ assumed GPU throughput in ``CLOUD_NODES`` and ``ACHIEVED_FRACTION``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,6 +57,7 @@ from pipeline.bench.common import (
     cpu_busy_seconds,
     environment,
     gpu_peak_tflops,
+    save_result,
     summarize,
 )
 from pipeline.bench.scaling.report import print_report
@@ -448,8 +447,5 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.preset)
     result = run(args)
     print_report(result)
-    result["env"] = {**env, "loadavg_at_end": os.getloadavg()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"[scaling] wrote {args.json}")
+    save_result(result, env, args.json, "scaling")
     return 0
