@@ -17,6 +17,7 @@ are the commands' errors: ``ValueError`` (and its kin) name the bad flag, key or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -79,13 +80,22 @@ def train(**options: Any) -> TrainResult:
     return train_from_args(config_namespace(options))
 
 
+def process_started_at() -> float:
+    """When this process started (epoch seconds)."""
+    import psutil  # Ray's own dependency
+
+    return psutil.Process().create_time()
+
+
 def train_from_args(args: argparse.Namespace) -> TrainResult:
     from pipeline import console
     from pipeline.plan import resolve
     from pipeline.training import train as train_plan
 
     console.quiet_ray(args.verbose)
-    return train_plan(resolve(load_config(args)))
+    plan = resolve(load_config(args))
+    # From the command's start: Python's and the imports' start-up count too.
+    return train_plan(dataclasses.replace(plan, started_at=process_started_at()))
 
 
 def tune(space: Iterable[str], **options: Any) -> dict:

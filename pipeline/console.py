@@ -21,6 +21,7 @@ VERBOSE_ENV = "CYCLEGAN_VERBOSE"
 # Ray's loggers whose INFO lines are about Ray's machinery, not the user's run.
 # Tune's own lines (trial status, PBT's exploits) stay: they are the sweep's story.
 RAY_LOGGERS = ("ray.data", "ray.train", "ray.air", "ray.util")
+MLFLOW_LOGGERS = ("mlflow.store.db.utils", "alembic")
 
 
 def verbose() -> bool:
@@ -40,6 +41,8 @@ def quiet_ray(is_verbose: bool | None = None) -> None:
         return
     # MLflow's own "View run ... at" lines: the header already gives the run's link.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's tqdm bars while it logs and registers the models at the end of a run.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.update(quiet_env())
     quiet_ray_loggers()
     quiet_ray_data()
@@ -52,14 +55,21 @@ def quiet_ray_loggers(root: bool = False) -> None:
         return
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow's "Creating initial MLflow database tables..." on a new local store.
+    for name in MLFLOW_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if root:
         logging.getLogger().setLevel(logging.WARNING)
 
 
 def quiet_env() -> dict[str, str]:
-    """What Ray's worker processes need to stay as quiet as the driver (their Ray Data
-    contexts start with progress bars off)."""
-    return {} if verbose() else {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    """What Ray's worker processes need to stay as quiet as the driver: their Ray Data
+    contexts start with progress bars off, and Ray Data's loggers there (in the split
+    coordinators that feed the training workers: "Progress bars disabled", "Dataset ...
+    execution finished") keep only errors."""
+    if verbose():
+        return {}
+    return {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "ERROR"}
 
 
 def quiet_ray_data() -> None:
@@ -96,7 +106,7 @@ def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"`make ui`, then http://127.0.0.1:5000/{page}"
 
 
-def header(plan, experiment_id: str, use_gpu: bool, joined: str = "") -> str:
+def header(plan, experiment_id: str, use_gpu: bool, joined: str = "", dashboard: str = "") -> str:
     """The lines printed before training starts."""
     cfg = plan.config
     test = plan.manifest.datasets if plan.manifest is not None else {}
@@ -112,6 +122,8 @@ def header(plan, experiment_id: str, use_gpu: bool, joined: str = "") -> str:
         f"  workers     {workers} x {'GPU' if use_gpu else f'{plan.threads_per_worker} threads'}"
         + (f" on the Ray cluster at {joined}" if joined else ""),
     ]
+    if dashboard:
+        lines.append(f"  Ray         dashboard {dashboard}")
     diff = config_diff(cfg)
     if diff:
         lines.append("  config      " + ("\n              ".join(diff)))

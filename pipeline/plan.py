@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 
 from pipeline import config as C
@@ -35,6 +36,12 @@ class RunPlan:
     """The MLflow run, once the driver has created (or reopened) it."""
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
     """The dataset's manifest as read by the driver."""
+    started_at: float = 0.0
+    """When the run was asked for (epoch seconds): the command's process start, or the call
+    of ``train``; the start-up timeline counts from here."""
+    startup: dict[str, float] = field(default_factory=dict, compare=False)
+    """The driver's start-up milestones (seconds after ``started_at``); rank 0 logs them with
+    its own as ``startup/*`` metrics."""
 
     @property
     def name(self) -> str:
@@ -55,6 +62,11 @@ class RunPlan:
     @property
     def run_uri(self) -> str:
         return storage.join(self.storage_uri, self.name)
+
+    def mark(self, milestone: str) -> None:
+        """Record that the driver reached ``milestone`` now (see ``startup``)."""
+        if self.started_at:
+            self.startup[milestone] = round(time.time() - self.started_at, 3)
 
     def with_config(self, cfg: Config) -> RunPlan:
         """The same run facts with another config (a trial's sampled values, its name)."""
@@ -88,11 +100,11 @@ def public_config(cfg: Config) -> dict:
 def check_fid_weights(cfg: Config) -> None:
     """A ``train.fid_weights`` file must hold an Inception v3 the evaluation can use: found
     before training starts, not at its first evaluation."""
-    from cyclegan.metrics import read_inception_weights
-
     weights = cfg.train.fid_weights
     if not weights or weights == "download":
         return
+    from cyclegan.metrics import read_inception_weights  # torchvision: only when needed
+
     if not os.path.isfile(weights):
         raise ValueError(
             f"train.fid_weights: {weights} is not a file (pt_inception-2015-12-05-*.pth, "

@@ -3,6 +3,7 @@ the environment workers need, and check that the training workers can be placed.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -10,7 +11,7 @@ import sys
 import time
 
 from pipeline.config import Config
-from pipeline.console import VERBOSE_ENV, quiet_env
+from pipeline.console import VERBOSE_ENV, quiet_env, verbose
 
 TEST_HOOKS_ENV = "CYCLEGAN_FAULT_"
 """Variables with this prefix reach the workers: the test suite's fault injection."""
@@ -54,6 +55,16 @@ def recorded_cluster() -> str | None:
     return address
 
 
+_dashboard_url = ""
+
+
+def dashboard_url() -> str:
+    """The dashboard of the cluster :func:`connect` joined or started (http://host:port), or
+    "" where it has none."""
+    url = _dashboard_url
+    return url if not url or "://" in url else f"http://{url}"
+
+
 def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = None) -> bool:
     """Join ``address`` (default ``scaling.address``, else ``$RAY_ADDRESS``, else a cluster
     ``ray start`` runs on this machine), or start a private local Ray (address ``local``, or
@@ -62,6 +73,7 @@ def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = N
 
     The extra logical CPUs let the training workers reserve theirs while Ray Data still gets
     one per core, so data tasks can always be scheduled next to the workers."""
+    global _dashboard_url
     import ray
 
     if ray.is_initialized():
@@ -79,19 +91,23 @@ def connect(cfg: Config, cpus_beyond_cores: float = 0.0, address: str | None = N
         # Inside `ray job submit` the job's runtime env already holds some of these variables;
         # combine the two instead of failing on the overlap.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        context = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        _dashboard_url = context.dashboard_url or ""
         return False
     from pipeline.data import RAY_SYSTEM_CONFIG
 
-    ray.init(
+    context = ray.init(
         # "local": a new cluster, never one found through $RAY_ADDRESS or Ray's record.
         address=LOCAL,
+        # Ray's "Started a local Ray instance" line: the run's header names the dashboard.
+        logging_level=logging.INFO if verbose() else logging.WARNING,
         num_cpus=(os.cpu_count() or 1) + math.ceil(cpus_beyond_cores),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         _system_config=RAY_SYSTEM_CONFIG,
     )
+    _dashboard_url = context.dashboard_url or ""
     return True
 
 

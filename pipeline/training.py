@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import time
 from dataclasses import dataclass, field
 
 from pipeline import checkpoints, console, ray_cluster, runs, storage, tracking
@@ -141,18 +142,27 @@ def train(
     import ray
 
     cfg = plan.config
+    if not plan.started_at:
+        plan = dataclasses.replace(plan, started_at=time.time(), startup={})
+    plan.mark("resolved")
     console.quiet_ray()
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     started_here = ray_cluster.connect(cfg, workers_cpus, address=plan.address)
     ray_cluster.train_controller_env(started_here)
+    plan.mark("ray")
     try:
         use_gpu = ray_cluster.check_resources(cfg, local=started_here)
         plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))
         experiment = tracking.client(cfg).get_run(plan.run_id).info.experiment_id
         joined = "" if started_here else ray.get_runtime_context().gcs_address
-        print(console.header(plan, experiment, use_gpu, storage.redact(joined)), flush=True)
+        dashboard = ray_cluster.dashboard_url()
+        header = console.header(plan, experiment, use_gpu, storage.redact(joined), dashboard)
+        print(header, flush=True)
+        plan.mark("mlflow")
         try:
-            result = build_trainer(plan, use_gpu, callbacks).fit()
+            trainer = build_trainer(plan, use_gpu, callbacks)
+            plan.mark("fit")
+            result = trainer.fit()
             checkpoint, step = final_checkpoint(plan, result)
             if checkpoint is not None and cfg.tracking.log_model:
                 tracking.log_generators(cfg, plan.run_id, checkpoint)

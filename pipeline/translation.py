@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import posixpath
 import time
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ class Translator:
         payload = ray.get(weights[0])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         cfg = ModelConfig(**payload["arch"])
         self.net = build_from_state(payload["state"], cfg, payload["source"]).to(self.device)
         self.fs, self.out_base = storage.resolve(out_uri)
@@ -226,10 +227,11 @@ def plan_actors(
     num_actors: int | None, num_gpus_per_actor: float | None
 ) -> tuple[int, float, float]:
     """(actors, GPUs per actor, CPUs per actor). With GPUs in the cluster: one actor per GPU,
-    half a CPU each. Without: one actor, holding all CPUs but one (left for reading)."""
+    half a CPU each. Without: one actor, holding all CPUs but one (left for reading). Counted
+    from what is free now: a serve replica or another job may hold some."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = ray.available_resources()
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     per = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if per < 0:
@@ -327,7 +329,10 @@ def translate(
             "base": inputs.filesystem.normalize_path(inputs.base),
             "load_size": load_size,
             "fmt": fmt,
-            "threads": max(1, int(cpus)),
+            # A lone CPU actor also uses the CPU it leaves for reading: reads are short and
+            # run ahead, so that CPU is idle most of the time (the actor caps this at its
+            # node's cores).
+            "threads": max(1, int(cpus)) + (1 if actors == 1 and not gpus else 0),
         },
         batch_size=batch_size,
         batch_format="numpy",

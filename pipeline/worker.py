@@ -228,7 +228,10 @@ def check_finite(losses: dict[str, float], step: int, cfg: Config, batch) -> boo
 class Progress:
     """Rank 0's metrics, progress lines and sample grids; every other rank only counts."""
 
-    def __init__(self, plan: RunPlan, rank: int, world: int, device, start_step: int, last: int):
+    def __init__(
+        self, plan: RunPlan, rank: int, world: int, device, start_step: int, last: int,
+        entered: float,
+    ):  # fmt: skip
         cfg = plan.config
         self.cfg, self.rank, self.last = cfg, rank, last
         self.images_per_step = world * cfg.data.batch_size
@@ -243,10 +246,28 @@ class Progress:
             self.samples = {d: to_input(x.to(device)) for d, x in loaded.items()}
         self.t_start = self.t_interval = time.perf_counter()
         self.step_start, self.wait, self.steps = start_step, 0.0, 0
+        # The start-up timeline: the driver's milestones, then this worker's.
+        self.plan, self.startup = plan, {**plan.startup, "worker": entered, "ready": time.time()}
 
     def waited(self, seconds: float) -> None:
         self.wait += seconds
         self.steps += 1
+        if self.startup is not None and "first_batch" not in self.startup:
+            self.startup["first_batch"] = time.time()
+
+    def stepped(self, step: int) -> None:
+        """After each step: the first one ends the start-up timeline, which rank 0 logs as
+        ``startup/<milestone>_s``, seconds from the command's start (``plan.started_at``)."""
+        if self.startup is None:
+            return
+        timeline, self.startup = self.startup, None
+        if self.rank != 0 or not self.plan.started_at:
+            return
+        timeline["first_step"] = time.time()
+        start = self.plan.started_at
+        for key in ("worker", "ready", "first_batch", "first_step"):
+            timeline[key] = timeline[key] - start
+        self.sink.log_metrics({f"startup/{k}_s": v for k, v in timeline.items()}, step)
 
     def log(self, losses: dict, state: TrainState, steps_per_epoch: int, finite: bool) -> None:
         step = state.step
@@ -360,6 +381,7 @@ def report_finished(runtime, state: TrainState, evaluator: Evaluator) -> None:
 
 def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = None) -> None:
     """One rank's training, from its plan (``loop_config["plan"]``) to the planned step."""
+    entered = time.time()
     plan: RunPlan = loop_config["plan"]
     console.quiet_ray_loggers(root=True)
     cfg, runtime = plan.config, runtime or TrainRuntime()
@@ -377,7 +399,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     steps_per_epoch = batches.plan.steps_per_epoch
     last_step = total_steps(cfg, steps_per_epoch)
     dtype = autocast_dtype(cfg, device)
-    progress = Progress(plan, rank, world, device, state.step, last_step)
+    progress = Progress(plan, rank, world, device, state.step, last_step, entered)
     evaluator = Evaluator(plan)
     hooks = load_fault_hooks()
     if rank == 0:
@@ -400,6 +422,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
                 skip_nonfinite=cfg.train.on_nonfinite == "skip",
             )  # fmt: skip
             state.step += 1
+            progress.stepped(state.step)
             finite = check_finite(losses, state.step, cfg, batch)
             epoch_end = state.step % steps_per_epoch == 0
             if epoch_end:

@@ -150,7 +150,13 @@ def test_two_workers_end_to_end(e2e_run):
     assert set(models) == {"generator_AtoB", "generator_BtoA"}
     registered = {m.name for m in client.search_registered_models()}
     assert {"e2e-AtoB", "e2e-BtoA"} <= registered
-    assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert any(k.startswith("system/") for k in metrics)
+    # The start-up timeline, from the command's start to the first step, in the order reached.
+    milestones = ("resolved", "ray", "mlflow", "fit", "worker", "ready", "first_batch")
+    times = [metrics[f"startup/{m}_s"] for m in (*milestones, "first_step")]
+    assert times[0] > 0 and times == sorted(times), times
+    assert client.get_metric_history(run.info.run_id, "startup/first_step_s")[0].step == 1
     (tmp_path / "loaded").mkdir()
     net = mlflow.pytorch.load_model(
         models["generator_AtoB"].model_uri, dst_path=str(tmp_path / "loaded")

@@ -6,6 +6,9 @@
     python -m pipeline.bench step --preset paper --variants fp32,bf16 --threads 1 --json p.json
     python -m pipeline.bench data --load-size 286 --crop-size 256 --workers 1,2 --json data.json
     python -m pipeline.bench train --preset demo --max-steps 150 --workers 1,2 --json train.json
+    python -m pipeline.bench startup --repeats 3               # time to first step, by phase
+    python -m pipeline.bench translate --images 1000 --size 256  # vs the pure forward pass
+    python -m pipeline.bench overhead                          # a real run vs the bare step
     python -m pipeline.bench scaling --preset demo           # 2 gloo processes, about 15 s
     python -m pipeline.bench scaling --preset paper --cloud  # the expected curve on GPU nodes
     python -m pipeline.bench gpu --json gpu-check.json       # CUDA only: the GPU check
@@ -22,7 +25,7 @@ pair as one image, as the training metric ``throughput/images_per_s`` does. FLOP
 the convolutions and matmuls of one whole train step, forward and backward, counted once with
 ``torch.utils.flop_counter.FlopCounterMode``.
 
-``data`` and ``train`` start a local Ray: run them when no other Ray cluster runs on the host.
+``data``, ``train``, ``startup``, ``translate`` and ``overhead`` start a local Ray: run them when no other Ray cluster runs on the host.
 
 ``gpu`` (``make gpu-check``) proves the CUDA path in one command: the tests marked ``gpu``, a
 short training run through Ray Train and MLflow, a translation with a GPU actor, and ``step
@@ -40,8 +43,14 @@ import sys
 from pipeline import config as C
 from pipeline.bench.common import environment, save_result
 from pipeline.bench.data import bench_data, print_data
+from pipeline.bench.overhead import add_parser as add_overhead_parser
+from pipeline.bench.overhead import bench_overhead, print_overhead
+from pipeline.bench.startup import add_parser as add_startup_parser
+from pipeline.bench.startup import bench_startup, print_startup
 from pipeline.bench.step import DEFAULT_VARIANTS, VARIANTS, bench_step, print_step
 from pipeline.bench.train import bench_train, print_train
+from pipeline.bench.translate import add_parser as add_translate_parser
+from pipeline.bench.translate import bench_translate, print_translate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--home", help="runs, MLflow store (default $CYCLEGAN_HOME/bench)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    for sp in (step, data, train):
+    startup = add_startup_parser(sub)
+    translate = add_translate_parser(sub)
+    overhead = add_overhead_parser(sub)
+    for sp in (step, data, train, startup, translate, overhead):
         sp.add_argument("--json", metavar="FILE", help="write every number and the environment")
     gpu = sub.add_parser(
         "gpu",
@@ -160,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         "step": (bench_step, print_step),
         "data": (bench_data, print_data),
         "train": (bench_train, print_train),
+        "startup": (bench_startup, print_startup),
+        "translate": (bench_translate, print_translate),
+        "overhead": (bench_overhead, print_overhead),
     }[args.command]
     env = environment(getattr(args, "preset", None))
     try:

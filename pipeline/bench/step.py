@@ -42,6 +42,11 @@ class Variant:
     kernel search, then CUDA graphs)."""
     batch_size: int | None = None
     """Images per domain for this variant (None: the run's batch)."""
+    official: bool = False
+    """The official implementation's iteration (``bench/official.py``) instead of ours."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables of the variant's process (OpenMP's, the allocator's), set before
+    torch loads there."""
 
 
 # On a GPU a paper-sized step at batch 1 is short next to the launch of its hundreds of kernels:
@@ -55,7 +60,11 @@ BIG_BATCH = 16
 VARIANTS = {
     v.name: v
     for v in (
+        Variant("official", official=True),
         Variant("fp32"),
+        # OpenMP's threads spin at every barrier instead of sleeping: a step is thousands of
+        # small kernels, each ending in a barrier.
+        Variant("fp32_omp_active", env=(("OMP_WAIT_POLICY", "ACTIVE"),)),
         Variant("bf16", bf16=True),
         Variant("channels_last", channels_last=True),
         Variant("bf16_channels_last", bf16=True, channels_last=True),
@@ -88,6 +97,7 @@ VARIANTS = {
     )
 }
 DEFAULT_VARIANTS = (
+    "official",
     "fp32",
     "bf16",
     "channels_last",
@@ -95,8 +105,8 @@ DEFAULT_VARIANTS = (
     "compile",
     "compile_bf16",
 )
-"""What ``step`` runs without ``--variants``: the choices of train.precision, channels_last and
-compile as a training run has them."""
+"""What ``step`` runs without ``--variants``: the official iteration, then the choices of
+train.precision, channels_last and compile as a training run has them."""
 GPU_VARIANTS = (
     "fp32",
     "bf16",
@@ -150,6 +160,10 @@ class StepRunner:
 
         real_A, real_B = self.inputs[self.steps % len(self.inputs)]
         self.steps += 1
+        if self.variant.official:
+            from pipeline.bench.official import official_step
+
+            return official_step(self.nets, self.opts, self.pools, real_A, real_B, self.cfg.loss)
         return train_step(
             self.nets,
             self.opts,
@@ -236,7 +250,18 @@ class VariantProcess:
         self.name = spec["variant"]
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_step_process, args=(child, spec))
-        self.process.start()
+        # A spawned process takes the environment at its start: the variant's own variables.
+        env = dict(VARIANTS[self.name].env)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.process.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         child.close()
         self.info = self._answer()
 
@@ -373,14 +398,16 @@ def bench_step(args: argparse.Namespace) -> dict:
         quiet = [r for r, share in enumerate(others[name]) if share < args.quiet_below]
         res["quiet_rounds"] = quiet
         res["ms_per_step_quiet"] = summarize([1e3 * step_s[r] for r in quiet]) if quiet else None
-        if "fp32" in times:
+        for base in ("fp32", "official"):
+            if base not in times:
+                continue
             # Per image, so that a variant with a batch of its own compares fairly.
             ratios = [
-                (f / batches["fp32"]) / (s / n) for f, s in zip(times["fp32"], step_s, strict=True)
+                (f / batches[base]) / (s / n) for f, s in zip(times[base], step_s, strict=True)
             ]
-            res["speedup_vs_fp32"] = summarize(ratios)
-            both = [r for r in quiet if others["fp32"][r] < args.quiet_below]
-            res["speedup_vs_fp32_quiet"] = summarize([ratios[r] for r in both]) if both else None
+            res[f"speedup_vs_{base}"] = summarize(ratios)
+            both = [r for r in quiet if others[base][r] < args.quiet_below]
+            res[f"speedup_vs_{base}_quiet"] = summarize([ratios[r] for r in both]) if both else None
         if VARIANTS[name].compile and res["warmup_s"]:
             # Warm-up steps beyond what steady steps cost: compiling (and recompiling).
             res["compile_s"] = sum(res["warmup_s"]) - len(res["warmup_s"]) * median_s
@@ -453,6 +480,11 @@ def print_step(res: dict) -> None:
     )
     if best:
         print(f"fastest: {best[0]}, {best[1]:.2f}x fp32 eager")
+    official = {name: v.get("speedup_vs_official_quiet") or v.get("speedup_vs_official")
+                for name, v in res["variants"].items() if v["ok"] and name != "official"}  # fmt: skip
+    if any(official.values()):
+        print("vs the official iteration (images/s ratio, median of rounds): " + ", ".join(
+            f"{name} {_ratio(speed)}" for name, speed in official.items() if speed))  # fmt: skip
 
 
 def _ratio(stats: dict | None) -> str:
