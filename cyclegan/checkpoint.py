@@ -57,8 +57,10 @@ def make_checkpoint(
     schedulers: dict,
     pools: Pools,
     mlflow_run_id: str | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> dict:
-    """Build the checkpoint dict from live training state (wrappers removed, tensors on CPU)."""
+    """Build the checkpoint dict from live training state (wrappers removed, tensors on CPU);
+    ``metrics``: the losses of the step it was taken at."""
     return {
         "version": CHECKPOINT_VERSION,
         "step": step,
@@ -70,6 +72,7 @@ def make_checkpoint(
         "pools": {"fake_A": pools.fake_A.state_dict(), "fake_B": pools.fake_B.state_dict()},
         "rng": capture_rng(),
         "mlflow_run_id": mlflow_run_id,
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
 
 

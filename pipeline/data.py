@@ -17,71 +17,21 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from cyclegan.config import AugmentConfig
 from cyclegan.transforms import crop_params, eval_size, load_size, random_crop_flip
 from pipeline.images import BadImage, decode_resized
-from pipeline.shards import Manifest, read_manifest
+from pipeline.shards import Manifest, read_columns, read_manifest
 
 log = logging.getLogger(__name__)
 
 DOMAINS = ("A", "B")
 
-IDLE_WORKER_KEEP_MS = 60_000
-"""How long a Ray cluster this project starts keeps an idle worker process. Ray's default
-(1 s, once more workers run than the node has CPUs) ends the fractional-CPU decode workers
-between passes, and every pass then pays seconds of Python imports for new ones (measured: a
-pass over 1024 images ran at half speed). Set on `ray start` as the environment variable
-``RAY_idle_worker_killing_time_threshold_ms``."""
-RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
-
 
 def train_name(domain: str) -> str:
     return f"train{domain}"
-
-
-def read_columns(
-    manifest: Manifest, name: str, columns: list[str], limit: int | None = None
-) -> pa.Table:
-    """Some columns of a dataset's shards, read directly with pyarrow (first ``limit`` rows)."""
-    tables, rows = [], 0
-    for path in manifest.shard_paths(name):
-        table = pq.read_table(path, columns=columns, filesystem=manifest.filesystem)
-        tables.append(table)
-        rows += table.num_rows
-        if limit is not None and rows >= limit:
-            break
-    table = pa.concat_tables(tables)
-    return table.slice(0, limit) if limit is not None else table
-
-
-def check_dataset(manifest: Manifest, cfg: AugmentConfig) -> dict[str, int]:
-    """Image counts of trainA/trainB; raises naming the dataset when one is missing or empty,
-    or when the crop does not fit the stored images."""
-    counts = {}
-    for domain in DOMAINS:
-        name = train_name(domain)
-        if name not in manifest.datasets:
-            raise ValueError(
-                f"dataset {manifest.root}: no {name} (has {', '.join(sorted(manifest.datasets))})"
-            )
-        counts[domain] = manifest.count(name)
-        if counts[domain] == 0:
-            raise ValueError(f"dataset {manifest.root}: {name} has zero images")
-        if cfg.preprocess in ("crop", "none"):
-            table = read_columns(manifest, name, ["width", "height"])
-            smallest = min(pc.min(table["width"]).as_py(), pc.min(table["height"]).as_py())
-            if cfg.preprocess == "crop" and smallest < cfg.crop_size:
-                raise ValueError(
-                    f"data.crop_size: {cfg.crop_size} is larger than the smallest side "
-                    f"({smallest} px) of the images in {manifest.root}/{name}"
-                )
-    return counts
 
 
 def decode_resize_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig) -> dict[str, np.ndarray]:

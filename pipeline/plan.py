@@ -12,10 +12,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import pyarrow.compute as pc
+
+from cyclegan.config import AugmentConfig
 from pipeline import config as C
 from pipeline import runs, storage
 from pipeline.config import Config
-from pipeline.shards import Manifest, read_manifest
+from pipeline.ray_cluster import LOCAL
+from pipeline.shards import Manifest, read_columns, read_manifest
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,32 @@ def check_fid_weights(cfg: Config) -> None:
         raise ValueError(f"train.fid_weights: {exc}") from None
 
 
+def check_dataset(manifest: Manifest, cfg: AugmentConfig) -> dict[str, int]:
+    """Image counts of trainA/trainB; raises naming the dataset when one is missing or empty,
+    or when the crop does not fit the stored images."""
+    counts = {}
+    for domain in ("A", "B"):
+        name = f"train{domain}"
+        if name not in manifest.datasets:
+            raise ValueError(
+                f"dataset {manifest.root}: no {name} (has {', '.join(sorted(manifest.datasets))})"
+            )
+        counts[domain] = manifest.count(name)
+        if counts[domain] == 0:
+            raise ValueError(f"dataset {manifest.root}: {name} has zero images")
+        if cfg.preprocess in ("crop", "none"):
+            table = read_columns(manifest, name, ["width", "height"])
+            smallest = min(pc.min(table["width"]).as_py(), pc.min(table["height"]).as_py())
+            if cfg.preprocess == "crop" and smallest < cfg.crop_size:
+                raise ValueError(
+                    f"data.crop_size: {cfg.crop_size} is larger than the smallest side "
+                    f"({smallest} px) of the images in {manifest.root}/{name}"
+                )
+    return counts
+
+
 def resolve(cfg: Config) -> RunPlan:
     """The run of ``cfg``; raises with the field, file or URI named when it cannot run."""
-    from pipeline.data import check_dataset
-
     cfg = C.with_defaults(cfg)
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS", "")
     name = cfg.storage.name or runs.new_run_name(cfg.preset)
@@ -147,7 +173,8 @@ def resolve(cfg: Config) -> RunPlan:
     cores = os.cpu_count() or 1
     # A local Ray is ours alone: split the cores among the workers. On a cluster each worker
     # gets the CPUs it reserved.
-    threads = cores // cfg.scaling.num_workers if not address else int(cfg.scaling.cpus_per_worker)
+    private = not address or address == LOCAL
+    threads = cores // cfg.scaling.num_workers if private else int(cfg.scaling.cpus_per_worker)
     return RunPlan(
         config=cfg,
         counts=counts,

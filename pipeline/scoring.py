@@ -33,10 +33,9 @@ from cyclegan.metrics import (
 )
 from cyclegan.train_step import unwrap
 from cyclegan.transforms import image_grid, to_input
-from pipeline.data import read_columns
 from pipeline.images import decode_resized
 from pipeline.scenes import PALETTE
-from pipeline.shards import Manifest, read_manifest
+from pipeline.shards import Manifest, read_columns, read_manifest
 
 KID_SUBSETS = 100
 Progress = Callable[[int], object]

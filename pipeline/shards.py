@@ -459,3 +459,18 @@ def _shard_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
         for info in listing
         if info.type == pafs.FileType.File and SHARD_PATTERN.match(info.base_name)
     ]
+
+
+def read_columns(
+    manifest: Manifest, name: str, columns: list[str], limit: int | None = None
+) -> pa.Table:
+    """Some columns of a dataset's shards, read directly with pyarrow (first ``limit`` rows)."""
+    tables, rows = [], 0
+    for path in manifest.shard_paths(name):
+        table = pq.read_table(path, columns=columns, filesystem=manifest.filesystem)
+        tables.append(table)
+        rows += table.num_rows
+        if limit is not None and rows >= limit:
+            break
+    table = pa.concat_tables(tables)
+    return table.slice(0, limit) if limit is not None else table

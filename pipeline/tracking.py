@@ -240,6 +240,7 @@ class MlflowSink(NullSink):
         max_pending: int = 4096,
         max_pending_images: int = 8,
         flush_timeout_s: float = 30.0,
+        client: MlflowClient | None = None,
     ):
         # Fail fast when the server is away (the defaults retry for minutes): a request in
         # flight when close() gives up would hold the writer thread that long.
@@ -250,8 +251,8 @@ class MlflowSink(NullSink):
                 f"MlflowSink: max_pending ({max_pending}) and max_pending_images "
                 f"({max_pending_images}) must be >= 1, flush_timeout_s ({flush_timeout_s}) >= 0"
             )
-        self.run_id = run_id
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id, self.tracking_uri = run_id, tracking_uri
+        self._client: MlflowClient | None = client
         self.max_pending, self.max_pending_images = max_pending, max_pending_images
         self.flush_timeout_s = flush_timeout_s
         self.failures = 0  # failed tries since the last request that went through
@@ -270,6 +271,14 @@ class MlflowSink(NullSink):
         self._system = None
         if system_metrics:
             self._start_system_metrics(tracking_uri)
+
+    @property
+    def client(self) -> MlflowClient:
+        """Made by the writer thread as it starts: a client of a local store opens its database
+        then (most of a second), while the worker goes on getting ready."""
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
 
     def _start_system_metrics(self, tracking_uri: str) -> None:
         try:
@@ -339,6 +348,9 @@ class MlflowSink(NullSink):
 
     def _write_queue(self) -> None:
         """The writer thread: sends the queue in order until close() has it drained."""
+        # The client first, before anything is queued: ready when the first metrics come.
+        with contextlib.suppress(Exception):  # a failing store is reported by the first send
+            _ = self.client
         while not self._gave_up.is_set():
             with self._cond:
                 while not self._queue and not self._closing:

@@ -9,7 +9,7 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from pipeline import checkpoints, console, ray_cluster, runs, storage, tracking
+from pipeline import console, ray_cluster, runs, storage
 from pipeline.plan import RunPlan, public_config
 
 
@@ -25,6 +25,8 @@ class TrainResult:
 
 def open_mlflow_run(plan: RunPlan, parent_run_id: str | None = None) -> str:
     """Create the run's MLflow run (or reopen it on resume) and record it in the run folder."""
+    from pipeline import tracking
+
     cfg = plan.config
     tags = {
         "ray.run_name": plan.name,
@@ -104,6 +106,8 @@ def final_checkpoint(plan: RunPlan, result) -> tuple[object | None, int]:
     holds a newer one, the newest whole checkpoint there is the run's final state."""
     from ray.train import Checkpoint
 
+    from pipeline import checkpoints
+
     recorded = result.checkpoint
     step = int((result.metrics or {}).get("step", 0))
     fs, run_dir = storage.resolve(plan.run_uri)
@@ -147,9 +151,14 @@ def train(
     plan.mark("resolved")
     console.quiet_ray()
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    started_here = ray_cluster.connect(cfg, workers_cpus, address=plan.address)
+    # What the driver needs next (torch, Ray Train, MLflow) loads while Ray starts.
+    started_here = ray_cluster.connect(
+        cfg, workers_cpus, address=plan.address, import_ahead=("pipeline.worker", "pipeline.data")
+    )
     ray_cluster.train_controller_env(started_here)
     plan.mark("ray")
+    from pipeline import tracking  # MLflow: loaded while Ray started (import_ahead)
+
     try:
         use_gpu = ray_cluster.check_resources(cfg, local=started_here)
         plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))

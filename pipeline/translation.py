@@ -79,8 +79,7 @@ def scaled_size(width: int, height: int, load_size: int | None) -> tuple[int, in
 
 def list_inputs(input_uri: str, direction: str, split: str | None) -> Inputs:
     """Resolve ``--input`` to shards or image files; raises naming the input when unusable."""
-    from pipeline.data import read_columns
-    from pipeline.shards import DATASET_NAMES, MANIFEST_NAME, read_manifest
+    from pipeline.shards import DATASET_NAMES, MANIFEST_NAME, read_columns, read_manifest
 
     fs, path = storage.resolve(input_uri)
     try:

@@ -6,13 +6,14 @@ Read ``train_loop`` first: it is the whole loop as a screen of named steps.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import math
 import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -135,6 +136,8 @@ class TrainState:
     pools: Pools
     step: int = 0
     epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The losses stored with the checkpoint this state was restored from."""
 
 
 def build_state(cfg: Config, rank: int, device: torch.device) -> TrainState:
@@ -149,19 +152,19 @@ def build_state(cfg: Config, rank: int, device: torch.device) -> TrainState:
     return TrainState(nets, opts, scheds, pools)
 
 
-def restore(state: TrainState, runtime, plan: RunPlan, device: torch.device) -> None:
-    """Continue from the newest loadable checkpoint of the run, if it has one.
+def find_checkpoint(runtime, plan: RunPlan, device: torch.device) -> tuple[str, dict] | None:
+    """The newest loadable checkpoint of the run, as (path, state), if it has one.
 
     Ray Train records a checkpoint some time after a worker wrote it, and a worker or driver
     killed in between leaves a whole, verified checkpoint that Ray does not hand over: so a
     training run searches its own folder. A Tune trial takes the checkpoint Tune hands it
     (population-based training copies another trial's)."""
-    cfg, latest = plan.config, runtime.checkpoint()
+    latest = runtime.checkpoint()
     if isinstance(runtime, TrainRuntime):
         fs, run_dir = storage.resolve(plan.run_uri)
         first = None
         if latest is None and not checkpoints.checkpoint_folders(fs, run_dir, plan.run_uri):
-            return
+            return None
     elif latest is not None:
         fs, run_dir, first = (
             latest.filesystem,
@@ -169,8 +172,8 @@ def restore(state: TrainState, runtime, plan: RunPlan, device: torch.device) -> 
             latest.path,
         )
     else:
-        return
-    path, ckpt = checkpoints.newest_loadable(
+        return None
+    return checkpoints.newest_loadable(
         fs,
         run_dir,
         run_dir,
@@ -180,9 +183,17 @@ def restore(state: TrainState, runtime, plan: RunPlan, device: torch.device) -> 
             f"[train] checkpoint {where} is unusable ({exc}); trying the next older one"
         ),
     )
+
+
+def restore(state: TrainState, found: tuple[str, dict] | None, cfg: Config, device) -> None:
+    """Continue from ``found`` (see :func:`find_checkpoint`) where there is one."""
+    if found is None:
+        return
+    path, ckpt = found
     state.step, state.epoch = restore_checkpoint(
         ckpt, state.nets, state.opts, state.scheds, state.pools, device
     )
+    state.metrics = dict(ckpt.get("metrics") or {})
     # A population-based search may hand over another trial's state with a new lr.
     for sched in state.scheds.values():
         if sched.base_lrs[0] != cfg.optim.lr:
@@ -240,10 +251,13 @@ class Progress:
             if rank == 0
             else NullSink()
         )
-        self.samples = None
+        # The sample grid's fixed inputs load beside the first steps; the first step waits
+        # for them, so a dataset without readable samples still fails at once.
+        self.device, self.samples, self._loading = device, None, None
         if rank == 0:
-            loaded = load_samples(plan.data_uri, cfg.data, cfg.data.num_samples)
-            self.samples = {d: to_input(x.to(device)) for d, x in loaded.items()}
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="samples")
+            self._loading = pool.submit(load_samples, plan.data_uri, cfg.data, cfg.data.num_samples)
+            pool.shutdown(wait=False)
         self.t_start = self.t_interval = time.perf_counter()
         self.step_start, self.wait, self.steps = start_step, 0.0, 0
         # The start-up timeline: the driver's milestones, then this worker's.
@@ -261,9 +275,12 @@ class Progress:
         if self.startup is None:
             return
         timeline, self.startup = self.startup, None
+        timeline["first_step"] = time.time()
+        if self._loading is not None:
+            loaded, self._loading = self._loading.result(), None
+            self.samples = {d: to_input(x.to(self.device)) for d, x in loaded.items()}
         if self.rank != 0 or not self.plan.started_at:
             return
-        timeline["first_step"] = time.time()
         start = self.plan.started_at
         for key in ("worker", "ready", "first_batch", "first_step"):
             timeline[key] = timeline[key] - start
@@ -352,11 +369,11 @@ def save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due)
         if eval_due or (evaluator.enabled and not evaluator.last):
             progress.sink.log_metrics(evaluator.scores(state.nets), state.step)
         metrics.update(evaluator.last)
-        ckpt = state_checkpoint(plan, state)
+        ckpt = state_checkpoint(plan, state, losses)
     checkpoints.report(runtime, metrics, ckpt, say)
 
 
-def state_checkpoint(plan: RunPlan, state: TrainState) -> dict:
+def state_checkpoint(plan: RunPlan, state: TrainState, losses: dict[str, float]) -> dict:
     return make_checkpoint(
         step=state.step,
         epoch=state.epoch,
@@ -366,6 +383,7 @@ def state_checkpoint(plan: RunPlan, state: TrainState) -> dict:
         schedulers=state.scheds,
         pools=state.pools,
         mlflow_run_id=plan.run_id,
+        metrics=losses,
     )
 
 
@@ -373,7 +391,9 @@ def report_finished(runtime, state: TrainState, evaluator: Evaluator) -> None:
     """A run restored at its last step (a sweep resumed after the run had ended) trains no
     more, but reports once, without a new checkpoint: whoever waits for its result (Tune's
     scheduler) gets the step and the held-out scores."""
-    metrics = {"step": state.step, "epoch": state.epoch}
+    # The losses of the step the checkpoint was taken at: a scheduler that ranks trials by a
+    # loss (population-based training) finds it in this report too.
+    metrics = {**state.metrics, "step": state.step, "epoch": state.epoch}
     if runtime.rank == 0 and evaluator.enabled:
         metrics.update(evaluator.scores(state.nets))
     runtime.report(metrics, None)
@@ -388,14 +408,17 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(plan.threads_per_worker)
 
-    state = build_state(cfg, rank, device)
-    restore(state, runtime, plan, device)
-    torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * state.step)
-    state.nets = wrap(state.nets, cfg, world)
+    # The data first: Ray Data starts reading while the nets are built.
+    found = find_checkpoint(runtime, plan, device)
+    start_step = found[1]["step"] if found else 0
     shards = {d: runtime.shard(d) for d in ("A", "B")}
     batches = UnpairedBatches(
-        shards, plan.counts, cfg.data, world, rank, cfg.train.seed, start_step=state.step
+        shards, plan.counts, cfg.data, world, rank, cfg.train.seed, start_step=start_step
     )
+    state = build_state(cfg, rank, device)
+    restore(state, found, cfg, device)
+    torch.manual_seed(cfg.train.seed + 1 + rank + 7919 * state.step)
+    state.nets = wrap(state.nets, cfg, world)
     steps_per_epoch = batches.plan.steps_per_epoch
     last_step = total_steps(cfg, steps_per_epoch)
     dtype = autocast_dtype(cfg, device)

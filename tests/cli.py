@@ -23,3 +23,12 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def explain(res: subprocess.CompletedProcess) -> str:
+    """A failed command's story for an assertion message: its ``error:`` and traceback lines
+    wherever they are (Ray's workers may print after them), then the tails of both streams."""
+    lines = (res.stdout + "\n" + res.stderr).splitlines()
+    errors = [line for line in lines if line.startswith(("error:", "Traceback", "E ", "  File"))]
+    return (f"exit {res.returncode}\n--- error lines:\n" + "\n".join(errors[-40:])
+            + f"\n--- stdout tail:\n{res.stdout[-2000:]}\n--- stderr tail:\n{res.stderr[-3000:]}")  # fmt: skip

@@ -45,7 +45,7 @@ def ray_head():
     os.environ.update(RAY_ENV)
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    from pipeline.data import IDLE_WORKER_KEEP_MS
+    from pipeline.ray_cluster import IDLE_WORKER_KEEP_MS
     from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
 
     env = {

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import config as C
 from pipeline.loss_ablation import VARIANTS, parse_variants, table, variant_config
+from tests.cli import explain
 from tests.test_train_cli import REPO, runs_of
 
 
@@ -48,7 +49,7 @@ def test_cli_trains_each_variant_as_a_child_run(ray_head, scenes, tmp_path):
          "--set", "tracking.log_model=false"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     assert "| GAN alone |" in res.stdout and "| CycleGAN |" in res.stdout
     rows = json.loads((tmp_path / "checkpoints" / "abl" / "results.json").read_text())
     assert [r["variant"] for r in rows] == ["gan_alone", "cyclegan"]

@@ -34,6 +34,7 @@ KEYS = {
     "pools",
     "rng",
     "mlflow_run_id",
+    "metrics",
 }
 
 
@@ -215,3 +216,31 @@ def test_altered_checkpoint_fails_its_checksum(tmp_path):
     target.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match its checksum"):
         load_checkpoint(target)
+
+
+def test_a_run_restored_at_its_last_step_reports_the_losses_it_ended_with(tmp_path):
+    """Population-based training may hand a trial a checkpoint of the last step: the trial
+    trains no more, and its one report must still carry the loss the sweep ranks by."""
+    from pipeline.config import tiny
+    from pipeline.plan import RunPlan
+    from pipeline.worker import Evaluator, build_state, report_finished, restore, state_checkpoint
+
+    cfg = tiny()
+    plan = RunPlan(config=cfg, counts={"A": 4, "B": 4}, paired=False, threads_per_worker=1,
+                   address="")  # fmt: skip
+    state = build_state(cfg, 0, torch.device("cpu"))
+    state.step = 40
+    losses = {"loss/cycle_A": 1.25, "loss/G": 7.5}
+    path = save_checkpoint(state_checkpoint(plan, state, losses), tmp_path / "checkpoint.pt")
+
+    class Runtime:
+        rank, reports = 0, []
+
+        def report(self, metrics: dict, checkpoint) -> None:
+            self.reports.append(metrics)
+
+    resumed = build_state(cfg, 0, torch.device("cpu"))
+    restore(resumed, (str(path), load_checkpoint(path)), cfg, torch.device("cpu"))
+    runtime = Runtime()
+    report_finished(runtime, resumed, Evaluator(plan))
+    assert runtime.reports == [{**losses, "step": 40, "epoch": 0}]

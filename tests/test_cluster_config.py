@@ -207,7 +207,7 @@ def test_every_node_gets_the_tracking_uri(config):
 
 
 def test_every_node_keeps_idle_data_workers(config):
-    from pipeline.data import IDLE_WORKER_KEEP_MS
+    from pipeline.ray_cluster import IDLE_WORKER_KEEP_MS
 
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in config[key] if "ray start" in c)

@@ -192,7 +192,8 @@ def lockstep_loop(config: dict) -> None:
 
 def datasets_of(root: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
     """The training datasets and counts of a dataset root, as the driver builds them."""
-    from pipeline.data import build_datasets, check_dataset
+    from pipeline.data import build_datasets
+    from pipeline.plan import check_dataset
     from pipeline.shards import read_manifest
 
     manifest = read_manifest(root)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from cyclegan.checkpoint import load_checkpoint
+from tests.cli import explain
 from tests.test_train_cli import (
     checkpoint_dirs,
     final_checkpoint,
@@ -70,7 +71,7 @@ def test_killed_driver_resumes_in_the_same_run_past_a_corrupt_checkpoint(
 
     args = ["--resume", "victim", "--set", f"train.max_steps={target}"]
     res = train_cli(args, tmp_path, ray_head.env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     out = res.stdout + res.stderr
     shown = "\n".join(line for line in out.splitlines() if "[train]" in line)
     assert f"{cut} is unusable" in out, shown

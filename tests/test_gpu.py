@@ -33,6 +33,7 @@ from cyclegan.train_step import (
     build_pools,
     train_step,
 )
+from tests.cli import explain
 from tests.test_train_cli import final_checkpoint, runs_of, train_cli
 from tests.test_train_step import GRAD_RTOL, TINY, make_batch, normalised_away, run_step
 
@@ -294,7 +295,7 @@ def test_two_gpu_workers_train_through_ray(ray_head, scenes, tmp_path):
         tmp_path,
         ray_head.env,
     )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     assert "2 worker(s)" in res.stdout and "device cuda" in res.stdout
     client, runs = runs_of(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

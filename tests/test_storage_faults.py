@@ -20,6 +20,7 @@ from pipeline.storage import (
     write_bytes_atomic,
 )
 from pipeline.storage.filesystems import RetryingS3FileSystem
+from tests.cli import explain
 from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
 from tests.test_train_cli import runs_of, start_train, train_cli
 
@@ -215,7 +216,7 @@ def test_a_long_outage_fails_clearly_and_resume_finishes(ray_head, flaky_s3, s3_
 
     proxy.up()
     res = train_cli(["--resume", "outage", "--storage", f"{bucket}/runs"], tmp_path, ray_head.env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     steps, broken = _stored_steps(_objects(s3_server, bucket), "outage", tmp_path)
     # The cut-off upload left an object that does not load; the resume did not pick it and
     # finished the run from the last whole checkpoint.

@@ -293,9 +293,7 @@ class FakeClient:
 
 
 def fake_sink(client: FakeClient, **queue) -> MlflowSink:
-    sink = MlflowSink("http://127.0.0.1:9", "run", **queue)  # nothing listens: never reached
-    sink.client = client
-    return sink
+    return MlflowSink("http://127.0.0.1:9", "run", client=client, **queue)
 
 
 def log_steps(sink: MlflowSink, n: int) -> None:

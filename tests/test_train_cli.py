@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli import explain
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +91,7 @@ def e2e_run(ray_head, scenes, tmp_path_factory):
         # A sample a second (MLflow's default is 10 s; this run may be shorter than that).
         {**ray_head.env, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
     )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     return tmp_path, res
 
 
@@ -343,7 +345,7 @@ def test_worker_killed_from_outside_then_ctrl_c_then_resume(ray_head, scenes, tm
     planned = stopped_at + 10
     res = train_cli(["--resume", "victim", "--set", f"train.max_steps={planned}"], tmp_path,
                     ray_head.env)  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     assert final_checkpoint(tmp_path, "victim")["step"] == planned
     client, runs = runs_of(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -411,7 +413,7 @@ def test_unpaired_data_is_evaluated_with_fid_and_kid(
          "--set", "tracking.log_model=false"],
         tmp_path, ray_head.env,
     )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     client, runs = runs_of(tmp_path)
     metrics = runs[0].data.metrics
     for key in ("eval/fid_AtoB", "eval/fid_BtoA", "eval/kid_AtoB", "eval/kid_BtoA"):

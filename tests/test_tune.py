@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cli import explain
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,7 +82,7 @@ def test_asha_sweep_stops_a_bad_trial_and_writes_the_best_config(ray_head, scene
             "--num-samples", "1", "--grace-period", "1", "--max-concurrent", "1",
             "--metric", "loss/cycle_A", "--mode", "min", "--name", "asha"]  # fmt: skip
     res = tune_cli(args, tmp_path, ray_head.env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     assert "best loss/cycle_A" in res.stdout
 
     client, kids = _children(tmp_path)
@@ -120,7 +122,7 @@ def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
             "--space", "optim.lr=grid:1e-12,2e-3", "--metric", "loss/cycle_A", "--mode", "min",
             "--name", "pbt"]  # fmt: skip
     res = tune_cli(args, tmp_path, ray_head.env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     assert "Cloning trial" in res.stdout + res.stderr  # PBT's exploit step ran
     client, kids = _children(tmp_path)
     assert len(kids) == 2  # a restarted trial continues in its own child run

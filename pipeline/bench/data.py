@@ -123,7 +123,7 @@ def _data_process(path: str, root: str, cfg_dict: dict, cores: int, args: dict) 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
-        from pipeline.data import RAY_SYSTEM_CONFIG
+        from pipeline.ray_cluster import RAY_SYSTEM_CONFIG
 
         ray.init(
             num_cpus=cores,
