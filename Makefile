@@ -82,8 +82,9 @@ ui: setup-base
 
 ray-up-local: setup-base
 	@# Two logical CPUs beyond the cores, so data decoding always fits beside training workers;
-	@# idle workers kept a minute, so the data-decoding workers live from one pass to the next.
-	RAY_idle_worker_killing_time_threshold_ms=60000 $(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
+	@# idle workers kept a minute, so the data-decoding workers live from one pass to the next;
+	@# workers at niceness 0, so Ray's own processes do not preempt a training step's threads.
+	RAY_idle_worker_killing_time_threshold_ms=60000 RAY_worker_niceness=0 $(VENV)/bin/ray start --head --port $(RAY_PORT) --dashboard-host 127.0.0.1 \
 		--dashboard-port $(DASHBOARD_PORT) --include-dashboard true --num-cpus $$(( $$(nproc) + 2 ))
 
 ray-down-local: setup-base

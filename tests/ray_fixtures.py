@@ -45,13 +45,14 @@ def ray_head():
     os.environ.update(RAY_ENV)
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    from pipeline.ray_cluster import IDLE_WORKER_KEEP_MS
+    from pipeline.ray_cluster import IDLE_WORKER_KEEP_MS, WORKER_NICENESS
     from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
 
     env = {
         **os.environ,
         **RAY_ENV,
         "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_KEEP_MS),
+        "RAY_worker_niceness": str(WORKER_NICENESS),
         # The node's own credentials for the local S3 server (which takes any): commands
         # never hand theirs to Ray.
         "AWS_ACCESS_KEY_ID": S3_KEY,

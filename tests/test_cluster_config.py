@@ -214,3 +214,13 @@ def test_every_node_keeps_idle_data_workers(config):
         match = re.search(r"RAY_idle_worker_killing_time_threshold_ms=(\d+)\s", start)
         assert match, f"{key}: `ray start` without the idle-worker setting"
         assert int(match.group(1)) == IDLE_WORKER_KEEP_MS
+
+
+def test_every_node_runs_workers_at_the_projects_niceness(config):
+    from pipeline.ray_cluster import RAY_SYSTEM_CONFIG, WORKER_NICENESS
+
+    assert RAY_SYSTEM_CONFIG["worker_niceness"] == WORKER_NICENESS  # a Ray started by a command
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        match = re.search(r"RAY_worker_niceness=(\d+)\s", start)
+        assert match and int(match.group(1)) == WORKER_NICENESS, key

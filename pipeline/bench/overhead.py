@@ -1,6 +1,6 @@
 """Ray's share of a small machine: a real ``pipeline.train`` run against the bare train step.
 
-For each setting the bare step runs first, in a process of its own with the threads and the
+For each setting the bare step runs before and after, in a process of its own with the threads and the
 precision a training worker of that run gets, on random inputs of the run's crop; then the same
 settings train for real (Ray Data reading and augmenting the built-in scenes, Ray Train, MLflow),
 and the run's images/s (first logged interval left out: start-up) is divided by the bare step's.
@@ -81,8 +81,13 @@ def bench_overhead(args: argparse.Namespace) -> dict:
             write_scenes(data, size=side, train_a=images, train_b=images, test=8, overwrite=True)
         cfg = _config(name, data, home, args.steps or steps)
         threads = resolve(cfg).threads_per_worker
-        bare = in_fresh_process(_bare_step, cfg.to_dict(), threads, min(40, cfg.train.max_steps), 3)
+        # The bare step before and after the run: a shared machine's speed drifts.
+        bare_steps = min(40, cfg.train.max_steps)
+        before = in_fresh_process(_bare_step, cfg.to_dict(), threads, bare_steps, 3)
         run = in_fresh_process(_train_process, cfg.to_dict(), home)
+        after = in_fresh_process(_bare_step, cfg.to_dict(), threads, bare_steps, 3)
+        samples = before["images_per_s"]["samples"] + after["images_per_s"]["samples"]
+        bare = {"images_per_s": summarize(samples), "precision": before["precision"]}
         rate = [v for _, v in run["metrics"]["throughput/images_per_s"][1:]]
         wait = [v for _, v in run["metrics"]["data/wait_fraction"][1:]]
         row = {
@@ -116,7 +121,7 @@ def print_overhead(res: dict) -> None:
               f"{r['precision']:>6}{r['threads']:>8}{r['bare_images_per_s']['median']:>11.2f}"
               f"{run:>10.2f}{r['ratio'] or float('nan'):>7.2f}{wait:>6.1f}%")  # fmt: skip
     print("ratio: the run's images/s (median of its logged intervals, the first left out) over "
-          "the bare step's (median of 5 rounds); both 1 worker, batch 1")  # fmt: skip
+          "the bare step's (median of 5 rounds before the run and 5 after); 1 worker, batch 1")  # fmt: skip
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
