@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,6 +405,10 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     entered = time.time()
     plan: RunPlan = loop_config["plan"]
     console.quiet_ray_loggers(root=True)
+    # Temporary files of this process (MLflow writes each sample grid to one before sending
+    # it) go to the Ray node's own folder, as checkpoint staging does: a worker killed
+    # mid-write leaves nothing in the node's /tmp.
+    tempfile.tempdir = checkpoints.staging_base()
     cfg, runtime = plan.config, runtime or TrainRuntime()
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(plan.threads_per_worker)

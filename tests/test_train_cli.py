@@ -99,6 +99,9 @@ def test_two_workers_end_to_end(e2e_run):
     """2 CPU workers, 32 px: metrics at several steps, sample grids, checkpoints, a model."""
     tmp_path, res = e2e_run
     assert "scaling.num_workers=2" in res.stdout  # the config's changes from its preset
+    # Ray's and MLflow's own chatter stays off the console (--verbose brings it back).
+    for noise in ("Progress bars disabled", "execution finished in", "Downloading artifacts"):
+        assert noise not in res.stdout + res.stderr, noise
     client, runs = runs_of(tmp_path)
     assert len(runs) == 1
     run = runs[0]
