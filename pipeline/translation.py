@@ -223,14 +223,32 @@ class Translator:
 
 
 def plan_actors(
-    num_actors: int | None, num_gpus_per_actor: float | None
+    num_actors: int | None, num_gpus_per_actor: float | None, wait_s: float = 15.0
 ) -> tuple[int, float, float]:
     """(actors, GPUs per actor, CPUs per actor). With GPUs in the cluster: one actor per GPU,
     half a CPU each. Without: one actor, holding all CPUs but one (left for reading). Counted
-    from what is free now: a serve replica or another job may hold some."""
+    from what is free now: a serve replica or another job may hold some. A plan that fits the
+    cluster but not what is free waits up to `wait_s` for it to free up: Ray Data kills a
+    finished dataset's actors without waiting, so their CPUs read as taken for a moment after."""
     import ray
 
-    resources = ray.available_resources()
+    try:
+        return _plan_actors(ray.available_resources(), num_actors, num_gpus_per_actor)
+    except ValueError as busy:
+        _plan_actors(ray.cluster_resources(), num_actors, num_gpus_per_actor)  # never fits: raise
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                return _plan_actors(ray.available_resources(), num_actors, num_gpus_per_actor)
+            except ValueError:
+                continue
+        raise ValueError(f"{busy} free now (waited {wait_s:g} s)") from None
+
+
+def _plan_actors(
+    resources: dict, num_actors: int | None, num_gpus_per_actor: float | None
+) -> tuple[int, float, float]:
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     per = num_gpus_per_actor if num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if per < 0:

@@ -149,6 +149,34 @@ def test_translate_a_folder_of_any_sizes(ray_client, run_dir, tmp_path):
 
 
 @pytest.mark.integration
+def test_actors_wait_for_cpus_a_finished_job_is_still_giving_back(ray_client):
+    """Ray Data kills a finished dataset's actors without waiting: a translation right after
+    another saw their CPUs as taken and refused to start."""
+    import threading
+    import time
+
+    import ray
+
+    from pipeline.translation import plan_actors
+
+    total = ray.cluster_resources()["CPU"]
+
+    @ray.remote(num_cpus=total - 1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    threading.Timer(1.0, ray.kill, args=(holder,)).start()
+    assert plan_actors(1, None) == (1, 0.0, float(int(total - 1)))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="--num-actors 99: 99 x 1 CPUs plus reading"):
+        plan_actors(99, None)  # beyond the whole cluster: refused at once
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.integration
 def test_translate_from_shards(ray_client, run_dir, scenes, tmp_path):
     out = tmp_path / "fake_A"
     result = translate(str(run_dir), "BtoA", scenes, str(out), load_size=32, fmt="png")
