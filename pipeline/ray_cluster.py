@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from pipeline.config import Config
 from pipeline.console import VERBOSE_ENV, quiet_env, verbose
@@ -158,13 +159,22 @@ within 2 s stalls the step: a run that checkpoints every few seconds spent most 
 there. A poll is one small actor call per worker."""
 
 
-def train_controller_env(started_here: bool) -> None:
+def train_controller_env(started_here: bool) -> Callable[[], None]:
     """Settings Ray Train's controller reads from the driver's environment (it passes them on
-    to the controller and the workers); a value the user set is kept."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
+    to the controller and the workers); a value the user set is kept. Returns the function
+    that puts the environment back (a later run in this process may join another Ray)."""
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S}
     if started_here:
         # A private single-node Ray is never drained: no preemption watcher actor to start.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        wanted["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    added = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in added})
+
+    def restore() -> None:
+        for name in added:
+            os.environ.pop(name, None)
+
+    return restore
 
 
 def _placement_problems(cfg: Config, use_gpu: bool) -> list[str]:

@@ -155,7 +155,7 @@ def train(
     started_here = ray_cluster.connect(
         cfg, workers_cpus, address=plan.address, import_ahead=("pipeline.worker", "pipeline.data")
     )
-    ray_cluster.train_controller_env(started_here)
+    restore_env = ray_cluster.train_controller_env(started_here)
     plan.mark("ray")
     from pipeline import tracking  # MLflow: loaded while Ray started (import_ahead)
 
@@ -188,5 +188,6 @@ def train(
         path = checkpoint.path if checkpoint else None
         return TrainResult(plan.name, plan.run_id, path, step, dict(result.metrics or {}))
     finally:
+        restore_env()
         if started_here:
             ray.shutdown()

@@ -3,6 +3,7 @@ this machine while it answers, never a stale record of one that was killed."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 from pipeline.ray_cluster import recorded_cluster
@@ -36,3 +37,20 @@ def test_no_record_or_a_garbled_one_means_none(tmp_path, monkeypatch):
     assert recorded_cluster() is None
     _record(tmp_path, monkeypatch, "not an address")
     assert recorded_cluster() is None
+
+
+def test_controller_settings_are_put_back_after_a_run(monkeypatch):
+    from pipeline.ray_cluster import train_controller_env
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    restore = train_controller_env(started_here=True)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) < 2
+    restore()  # a later run joining a cluster must get the preemption watcher again
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")  # the user's own value
+    train_controller_env(started_here=False)()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "7"
