@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 NORMS = ("instance", "batch", "none")
@@ -161,3 +162,29 @@ class AugmentConfig:
                 "data.crop_size",
                 f"crop_size {self.crop_size} is larger than load_size {self.load_size}",
             )
+
+
+# Image sizes of a configuration (here, not in transforms: Ray Data's decode tasks and
+# coordinators use them and need no torch).
+
+
+def load_size(cfg: AugmentConfig) -> tuple[int, int] | Callable[[int, int], tuple[int, int]] | None:
+    """The size training loads an image at before its random crop: a (width, height), a
+    function of the image's (width, height), or None to keep it (crop, none)."""
+    if cfg.preprocess == "resize_and_crop":
+        return cfg.load_size, cfg.load_size
+    if cfg.preprocess == "scale_width_and_crop":
+
+        def scale_width(width: int, height: int) -> tuple[int, int]:
+            # Width becomes load_size; height keeps the aspect ratio but never drops below the
+            # crop. Capped at 4x the width: a 1x32768 strip must not become a multi-GB canvas.
+            new_h = min(max(cfg.load_size * height / width, cfg.crop_size), 4 * cfg.load_size)
+            return cfg.load_size, int(new_h)
+
+        return scale_width
+    return None
+
+
+def eval_size(cfg: AugmentConfig) -> tuple[int, int] | None:
+    """The fixed whole-image view at the training resolution (samples, evaluation)."""
+    return None if cfg.preprocess == "none" else (cfg.crop_size, cfg.crop_size)

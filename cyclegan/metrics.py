@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import inception_v3
 
 # ---------------------------------------------------------------------------------------------
 # Paired label metrics (the Cityscapes photo->labels evaluation of pix2pix / CycleGAN)
@@ -308,6 +307,9 @@ class InceptionFeatures(nn.Module):
                     "inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer
                 )
             else:
+                # Imported here: torchvision takes ~1 s, which a run scoring labels never needs.
+                from torchvision.models import inception_v3
+
                 net = inception_v3(
                     weights=None, aux_logits=False, transform_input=False, init_weights=False
                 )

@@ -3,13 +3,11 @@ random crop + flip (run on the training worker, per image), as in the paper's da
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from PIL import Image
 
-from cyclegan.config import AugmentConfig
+from cyclegan.config import AugmentConfig, eval_size, load_size
 
 
 def resize_bicubic(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -25,28 +23,6 @@ def resize_bicubic(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.n
         nchw, size=(size[1], size[0]), mode="bicubic", antialias=True
     )
     return out[0].permute(1, 2, 0).contiguous().numpy()
-
-
-def load_size(cfg: AugmentConfig) -> tuple[int, int] | Callable[[int, int], tuple[int, int]] | None:
-    """The size training loads an image at before its random crop: a (width, height), a
-    function of the image's (width, height), or None to keep it (crop, none)."""
-    if cfg.preprocess == "resize_and_crop":
-        return cfg.load_size, cfg.load_size
-    if cfg.preprocess == "scale_width_and_crop":
-
-        def scale_width(width: int, height: int) -> tuple[int, int]:
-            # Width becomes load_size; height keeps the aspect ratio but never drops below the
-            # crop. Capped at 4x the width: a 1x32768 strip must not become a multi-GB canvas.
-            new_h = min(max(cfg.load_size * height / width, cfg.crop_size), 4 * cfg.load_size)
-            return cfg.load_size, int(new_h)
-
-        return scale_width
-    return None
-
-
-def eval_size(cfg: AugmentConfig) -> tuple[int, int] | None:
-    """The fixed whole-image view at the training resolution (samples, evaluation)."""
-    return None if cfg.preprocess == "none" else (cfg.crop_size, cfg.crop_size)
 
 
 def _resized(img: Image.Image | np.ndarray, size) -> np.ndarray:

@@ -202,7 +202,7 @@ def _check_data_cpus(cfg: Config) -> None:
     scheduled, and the run would wait forever without a word."""
     import ray
 
-    from pipeline.data import DECODE_CPUS
+    from pipeline.reading import DECODE_CPUS
 
     cpus = ray.cluster_resources().get("CPU", 0)
     n, per = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker

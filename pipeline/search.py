@@ -248,11 +248,6 @@ def start_sweep(
 def sweep(cfg: Config, name: str, settings: SweepSettings, resume: bool = False) -> dict:
     """Run (or, with ``resume``, continue) the sweep ``name`` over ``cfg``; returns the summary."""
     # Long on purpose: the one place a Tuner is built; new and resumed sweeps share every line but three.
-    import ray
-    from ray import tune
-
-    from pipeline import ray_cluster
-
     cfg = C.with_defaults(cfg)
     budget = TRIAL_STEPS.get(cfg.preset)
     if budget and not cfg.train.max_steps:
@@ -277,12 +272,17 @@ def sweep(cfg: Config, name: str, settings: SweepSettings, resume: bool = False)
         base = cfg
     parent, space = info["parent_run_id"], list(info["settings"]["space"])
     print(f"[tune] sweep {name} at {storage.redact(sweep_uri)}; MLflow parent run {parent}")
+    import ray  # after the checks: a sweep refused for its flags never waits for Ray's import
+    from ray import tune
+
+    from pipeline import ray_cluster
+
     pbt = settings.scheduler == "pbt"
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU
     started = ray_cluster.connect(cfg, settings.max_concurrent * per_trial, address=plan.address)
     try:
         if pbt:
-            from pipeline.data import build_datasets
+            from pipeline.reading import build_datasets
 
             datasets = build_datasets(plan.manifest, base.data, base.train.seed)
             trainable = tune.with_resources(

@@ -62,7 +62,7 @@ def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
     )
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import build_datasets
+    from pipeline.reading import build_datasets
     from pipeline.worker import train_loop
 
     cfg = plan.config
@@ -153,7 +153,10 @@ def train(
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # What the driver needs next (torch, Ray Train, MLflow) loads while Ray starts.
     started_here = ray_cluster.connect(
-        cfg, workers_cpus, address=plan.address, import_ahead=("pipeline.worker", "pipeline.data")
+        cfg,
+        workers_cpus,
+        address=plan.address,
+        import_ahead=("pipeline.worker", "pipeline.reading"),
     )
     restore_env = ray_cluster.train_controller_env(started_here)
     plan.mark("ray")

@@ -26,7 +26,8 @@ def test_a_domain_with_fewer_images_than_workers_is_refused_before_anything_star
 
 @pytest.mark.integration
 def test_a_domain_whose_every_image_fails_to_decode_is_an_error(ray_client, tmp_path):
-    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.data import DomainStream
+    from pipeline.reading import domain_dataset
     from pipeline.shards import read_manifest
 
     bad = [f"trainA/bad{i}.png" for i in range(4)]
@@ -43,7 +44,8 @@ def test_a_domain_whose_every_image_fails_to_decode_is_an_error(ray_client, tmp_
 
 @pytest.mark.integration
 def test_decoding_that_makes_no_progress_times_out_naming_the_domain(ray_client, tmp_path):
-    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.data import DomainStream
+    from pipeline.reading import domain_dataset
     from pipeline.shards import read_manifest
 
     root = write_domains(tmp_path / "data", {"trainA": 3, "trainB": 3})

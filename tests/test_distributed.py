@@ -192,8 +192,8 @@ def lockstep_loop(config: dict) -> None:
 
 def datasets_of(root: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
     """The training datasets and counts of a dataset root, as the driver builds them."""
-    from pipeline.data import build_datasets
     from pipeline.plan import check_dataset
+    from pipeline.reading import build_datasets
     from pipeline.shards import read_manifest
 
     manifest = read_manifest(root)
@@ -305,7 +305,8 @@ def test_stream_reads_passes_ahead_and_resumes_mid_pass(ray_client, tmp_path, mo
     import ray
 
     from pipeline.config import DataConfig
-    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.data import DomainStream
+    from pipeline.reading import domain_dataset
     from pipeline.shards import read_manifest
 
     root = write_domains(tmp_path / "data", {"trainA": 9, "trainB": 1})
@@ -329,7 +330,8 @@ def test_stream_reads_passes_ahead_and_resumes_mid_pass(ray_client, tmp_path, mo
 
 def test_stream_raises_a_read_error_instead_of_hanging(ray_client, tmp_path):
     from pipeline.config import DataConfig
-    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.data import DomainStream
+    from pipeline.reading import domain_dataset
     from pipeline.shards import read_manifest
 
     root = write_domains(tmp_path / "data", {"trainA": 6, "trainB": 1})
@@ -351,7 +353,8 @@ def test_stream_without_preprocessing_keeps_each_image_size(ray_client, tmp_path
     import ray
 
     from pipeline.config import DataConfig
-    from pipeline.data import DomainStream, domain_dataset
+    from pipeline.data import DomainStream
+    from pipeline.reading import domain_dataset
     from pipeline.shards import read_manifest
 
     entries = {}

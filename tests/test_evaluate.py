@@ -18,13 +18,11 @@ from PIL import Image
 from torch import nn
 
 from cyclegan.checkpoint import save_checkpoint
-from cyclegan.config import AugmentConfig
+from cyclegan.config import AugmentConfig, eval_size, load_size
 from cyclegan.metrics import FID_INCEPTION, TORCHVISION_INCEPTION
 from cyclegan.networks import ResnetGenerator
 from cyclegan.transforms import (
-    eval_size,
     eval_view,
-    load_size,
     resize_bicubic,
     resize_for_load,
     to_input,

@@ -29,9 +29,9 @@ from PIL import Image
 
 from cyclegan.config import AugmentConfig
 from cyclegan.transforms import resize_for_load
-from pipeline.data import decode_resize_batch
 from pipeline.image_import import prepare
 from pipeline.images import MAX_PIXELS, MAX_SIDE, BadImage, decode, decode_image, encode_image
+from pipeline.reading import decode_resize_batch
 from pipeline.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]

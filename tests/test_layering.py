@@ -1,5 +1,6 @@
 """The layer rule: ``cyclegan/`` never imports ray, mlflow or torch.distributed; nor does the
-benchmark (``pipeline.bench``) load ray or mlflow, so it measures the step without a cluster."""
+benchmark (``pipeline.bench``) load ray or mlflow, so it measures the step without a cluster;
+nor does what Ray Data's own processes import (``pipeline.reading``) load torch."""
 
 from __future__ import annotations
 
@@ -108,3 +109,26 @@ def test_importing_every_module_loads_neither_ray_nor_mlflow():
     control = found.pop("ray")
     assert {name: loaded for name, loaded in found.items() if loaded} == {}
     assert control == ["ray"]
+
+
+def test_ray_datas_own_processes_load_no_torch():
+    """Ray Data's split coordinators and Ray Train's dataset manager unpickle the datasets
+    ``pipeline.reading`` builds (its decode function, its scheduling callback), so they import
+    it: with torch among its imports each of them paid ~1.5 s of CPU and 200 MB at every run's
+    start. An image already at its load size decodes without torch too."""
+    import importlib
+    import io
+
+    from PIL import Image
+
+    from tests.import_guard import refused_imports
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
+    fresh = lambda name: name.partition(".")[0] in ("pipeline", "cyclegan")  # noqa: E731
+    with refused_imports(("torch", "torchvision"), fresh=fresh) as asked:
+        reading = importlib.import_module("pipeline.reading")
+        cfg = importlib.import_module("cyclegan.config").AugmentConfig(load_size=8, crop_size=8)
+        out = reading.decode_resize_batch({"key": ["a.png"], "image": [buffer.getvalue()]}, cfg)
+    assert asked == []
+    assert out["image"].shape == (1, 8, 8, 3) and list(out["key"]) == ["a.png"]

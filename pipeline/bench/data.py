@@ -100,7 +100,8 @@ def _torch_batches(root: str, cfg, cores: int, batch_size: int):
 
 def _ray_batches(root: str, cfg, batch_size: int):
     from cyclegan.transforms import to_input
-    from pipeline.data import DomainStream, domain_dataset, use_cache
+    from pipeline.data import DomainStream
+    from pipeline.reading import domain_dataset, use_cache
     from pipeline.shards import read_manifest
 
     manifest = read_manifest(root)
