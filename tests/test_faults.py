@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from cyclegan.checkpoint import load_checkpoint
 from tests.cli import explain
@@ -23,30 +24,18 @@ from tests.test_train_cli import (
 pytestmark = pytest.mark.integration
 
 
-def test_killed_driver_resumes_in_the_same_run_past_a_corrupt_checkpoint(
+def test_killed_driver_resumes_past_a_corrupt_checkpoint_as_if_never_stopped(
     ray_head, scenes, tmp_path
 ):
     """The driver is killed; the newest checkpoint it left is then truncated (a copy cut
-    short): the resume says so, continues from the one before, and ends in the same run."""
+    short): the resume says so, continues from the one before, and ends in the same run, with
+    the same weights as a run that went straight to the same step (across an epoch boundary:
+    the learning-rate schedule and the data order are restored too)."""
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    args = [
-        "--preset",
-        "tiny",
-        "--data",
-        scenes,
-        "--name",
-        "victim",
-        "--max-steps",
-        "400",
-        "--set",
-        "train.checkpoint_every=5",
-        "--set",
-        "train.num_to_keep=100",
-        "--set",
-        "tracking.log_model=false",
-    ]
-    proc = start_train(args, env, stdout=subprocess.DEVNULL)
+    common = ["--preset", "tiny", "--data", scenes, "--set", "train.checkpoint_every=5",
+              "--set", "train.num_to_keep=100", "--set", "tracking.log_model=false"]  # fmt: skip
+    proc = start_train([*common, "--name", "victim", "--max-steps", "400"], env, subprocess.DEVNULL)
     run_dir = tmp_path / "checkpoints" / "victim"
     try:
         wait_for(lambda: len(checkpoint_dirs(run_dir)) >= 3, 300, "three checkpoints")
@@ -67,7 +56,7 @@ def test_killed_driver_resumes_in_the_same_run_past_a_corrupt_checkpoint(
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     del steps[cut]
     fallback = max(steps, key=lambda path: (steps[path], str(path)))
-    target = max(steps.values()) + 10
+    target = steps[fallback] + 20  # >= 30: past the first epoch's end (tiny: 24 steps)
 
     args = ["--resume", "victim", "--set", f"train.max_steps={target}"]
     res = train_cli(args, tmp_path, ray_head.env)
@@ -76,9 +65,20 @@ def test_killed_driver_resumes_in_the_same_run_past_a_corrupt_checkpoint(
     shown = "\n".join(line for line in out.splitlines() if "[train]" in line)
     assert f"{cut} is unusable" in out, shown
     assert f"resuming from {fallback} (step {steps[fallback]})" in out, shown
-    assert final_checkpoint(tmp_path, "victim")["step"] == target
+    resumed = final_checkpoint(tmp_path, "victim")
+    assert resumed["step"] == target
     client, runs = runs_of(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss/G_A")}
+    assert set(range(2, target + 1, 2)) <= logged  # one run's curves, no gap (log_every 2)
+
+    res = train_cli([*common, "--name", "straight", "--max-steps", str(target)], tmp_path,
+                    ray_head.env)  # fmt: skip
+    assert res.returncode == 0, explain(res)
+    straight = final_checkpoint(tmp_path, "straight")
+    for net in ("G_A", "G_B", "D_A", "D_B"):
+        for key, value in straight["nets"][net].items():
+            assert torch.equal(value, resumed["nets"][net][key]), f"{net}.{key} differs"
 
 
 def test_tracking_outage_does_not_stop_training(ray_head, tmp_path, mlflow_server):
