@@ -31,30 +31,49 @@ def tune_cli(args, home, env):
     )
 
 
-@pytest.mark.integration
-def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tmp_path):
-    res = tune_cli(["--data", scenes, "--metric", "eval/fid_AtoB"], tmp_path, {})
-    assert res.returncode == 2
-    assert "--metric eval/fid_AtoB: trials do not report it" in res.stderr
-    assert "eval/class_iou" in res.stderr  # the valid names are listed
-    res = tune_cli(["--data", unpaired_scenes, "--metric", "eval/kid_AtoB"], tmp_path, {})
-    assert res.returncode == 2 and "set train.fid_weights" in res.stderr
-    res = tune_cli(
-        ["--data", unpaired_scenes, "--metric", "eval/kid_AtoB", "--set",
-         f"train.fid_weights={tmp_path}/none.pth"], tmp_path, {},
-    )  # fmt: skip
-    assert (
-        res.returncode == 2 and "train.fid_weights:" in res.stderr and "is not a file" in res.stderr
-    )
+@pytest.fixture
+def tune_main(tmp_path, monkeypatch, capsys):
+    """``python -m pipeline.tune ARGS`` refused for its flags, run in this process (no
+    interpreter start, no imports to pay): returns (exit code, stderr). The command's changes
+    to the environment and to SIGTERM are undone afterwards; ``--address`` points nowhere, so a
+    check that let the sweep through fails at once instead of starting a Ray."""
+    import signal
+
+    from pipeline.tune import main
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CYCLEGAN_HOME", str(tmp_path))
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            code = main([*args, "--address", "127.0.0.1:9"])
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+        return code, capsys.readouterr().err
+
+    return run
 
 
-@pytest.mark.integration
-def test_bad_space_is_a_clear_error(tmp_path):
-    res = tune_cli(["--space", "loss.lambda_X=uniform:1:2"], tmp_path, {})
-    assert res.returncode == 2
-    assert "valid keys of loss" in res.stderr
-    res = tune_cli(["--space", "loss.lambda_A=normal:1:2"], tmp_path, {})
-    assert res.returncode == 2 and "unknown kind" in res.stderr
+def test_unreported_metric_is_a_clear_error(scenes, unpaired_scenes, tune_main, tmp_path):
+    code, err = tune_main("--data", scenes, "--metric", "eval/fid_AtoB")
+    assert code == 2
+    assert "--metric eval/fid_AtoB: trials do not report it" in err
+    assert "eval/class_iou" in err  # the valid names are listed
+    code, err = tune_main("--data", unpaired_scenes, "--metric", "eval/kid_AtoB")
+    assert code == 2 and "set train.fid_weights" in err
+    code, err = tune_main("--data", unpaired_scenes, "--metric", "eval/kid_AtoB",
+                          "--set", f"train.fid_weights={tmp_path}/none.pth")  # fmt: skip
+    assert code == 2 and "train.fid_weights:" in err and "is not a file" in err
+
+
+def test_bad_space_is_a_clear_error(tune_main):
+    code, err = tune_main("--space", "loss.lambda_X=uniform:1:2")
+    assert code == 2 and "valid keys of loss" in err
+    code, err = tune_main("--space", "loss.lambda_A=normal:1:2")
+    assert code == 2 and "unknown kind" in err
 
 
 def _children(home):
@@ -138,13 +157,12 @@ def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
     assert (sweep_dir / "best_config.yaml").exists()
 
 
-@pytest.mark.integration
-def test_pbt_refuses_values_that_cannot_change_mid_run(scenes, tmp_path):
-    res = tune_cli(["--data", scenes, "--scheduler", "pbt", "--space",
-                    "loss.pool_size=choice:0,50"], tmp_path, {})  # fmt: skip
-    assert res.returncode == 2 and "loss.pool_size cannot do" in res.stderr
-    res = tune_cli(["--data", scenes, "--scheduler", "pbt", "--num-workers", "2"], tmp_path, {})
-    assert res.returncode == 2 and "use --num-workers 1" in res.stderr
+def test_pbt_refuses_values_that_cannot_change_mid_run(scenes, tune_main):
+    code, err = tune_main("--data", scenes, "--scheduler", "pbt", "--space",
+                          "loss.pool_size=choice:0,50")  # fmt: skip
+    assert code == 2 and "loss.pool_size cannot do" in err
+    code, err = tune_main("--data", scenes, "--scheduler", "pbt", "--num-workers", "2")
+    assert code == 2 and "use --num-workers 1" in err
 
 
 @pytest.mark.integration
