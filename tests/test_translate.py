@@ -159,13 +159,13 @@ def test_actors_wait_for_cpus_a_finished_job_is_still_giving_back(ray_client):
 
     from pipeline.translation import plan_actors
 
-    free = ray.cluster_resources()["CPU"]
+    total = ray.cluster_resources()["CPU"]
     deadline = time.monotonic() + 60  # until the actors of the tests before are gone too
-    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray.available_resources().get("CPU", 0) == free >= 2
+    assert ray.available_resources().get("CPU", 0) == total >= 2
 
-    @ray.remote(num_cpus=free - 1)  # what is left (1 CPU) cannot hold an actor and a read
+    @ray.remote(num_cpus=total - 1)  # what is left (1 CPU) cannot hold an actor and a read
     class Holder:
         def ready(self) -> bool:
             return True
@@ -173,7 +173,7 @@ def test_actors_wait_for_cpus_a_finished_job_is_still_giving_back(ray_client):
     holder = Holder.remote()
     ray.get(holder.ready.remote())
     threading.Timer(1.0, ray.kill, args=(holder,)).start()
-    assert plan_actors(1, None) == (1, 0.0, float(int(free - 1)))
+    assert plan_actors(1, None) == (1, 0.0, float(int(total - 1)))
     started = time.monotonic()
     with pytest.raises(ValueError, match="--num-actors 99: 99 x 1 CPUs plus reading"):
         plan_actors(99, None)  # beyond the whole cluster: refused at once
