@@ -311,19 +311,28 @@ class MlflowSink(NullSink):
             self._closing = True
             self._cond.notify_all()
         self._writer.join(self.flush_timeout_s)
+        unsure: list[_Write] = []
         with self._cond:
             if self._writer.is_alive():  # still waiting on the server: leave it behind
                 self._gave_up.set()
                 why = f"still queued when close gave up after {self.flush_timeout_s:g} s"
-                self._lose([*self._in_flight, *self._queue], why)
-                self._in_flight = []
+                self._lose(list(self._queue), why)
+                # The request in flight may still arrive: it is reported apart, as unsure.
+                unsure, self._in_flight = self._in_flight, []
                 self._queue.clear()
             lost = {kind: steps for kind, steps in self._lost.items() if steps}
+            counts = [f"{len(steps)} {kind} could not be written (steps "
+                      f"{_step_ranges(steps)})" for kind, steps in lost.items()]  # fmt: skip
             if lost:
-                counts = [f"{len(steps)} {kind} could not be written (steps "
-                          f"{_step_ranges(steps)})" for kind, steps in lost.items()]  # fmt: skip
                 why = ", ".join(f"{n} {reason}" for reason, n in self._lost_why.items())
-                _warn(f"[tracking] {'; '.join(counts)}: {why}")
+                counts[-1] += f": {why}"
+            if unsure:
+                counts.append(
+                    f"{len(unsure)} {unsure[0].kind} may not have been written (steps "
+                    f"{_step_ranges([w.step for w in unsure])}): in flight when close gave up"
+                )
+            if counts:
+                _warn(f"[tracking] {'; '.join(counts)}")
 
     def _put(self, write: _Write) -> None:
         """Queue one write without waiting; a full queue drops its oldest write of that kind."""

@@ -174,9 +174,13 @@ def calibrated_work(seconds: float = 0.02):
         for _ in range(n):
             b = torch.tanh(b @ a)
 
-    start = time.perf_counter()
-    work(50)
-    n = max(1, round(50 * seconds / (time.perf_counter() - start)))
+    work(50)  # warm up: the first calls are slower, which would make every later step short
+    took = []
+    for _ in range(3):
+        start = time.perf_counter()
+        work(50)
+        took.append(time.perf_counter() - start)
+    n = max(1, round(50 * seconds / min(took)))
     return lambda: work(n)
 
 
@@ -201,9 +205,10 @@ def train(sink, proxy: BlackHoleProxy, phases: list[tuple[str, float, bool]]):
     return rates, step
 
 
-def reported_lost(stderr: str, what: str) -> set[int]:
-    """The steps of the ``what`` ("metric batches", "images") that close() reported lost."""
-    found = re.findall(rf"(\d+) {what} could not be written \(steps ([^)]*)\)", stderr)
+def reported_lost(stderr: str, what: str, how: str = "could not be written") -> set[int]:
+    """The steps of the ``what`` ("metric batches", "images") that close() reported lost
+    (or, with ``how="may not have been written"``, in flight when it gave up)."""
+    found = re.findall(rf"(\d+) {what} {how} \(steps ([^)]*)\)", stderr)
     assert len(found) <= 1, stderr
     steps: set[int] = set()
     for part in found[0][1].split(", ") if found else []:
@@ -235,26 +240,39 @@ def run_with_hang(mlflow_uri, proxy, capsys, **queue) -> tuple[set[int], set[int
     failures = stderr.count("training goes on")
     assert failures >= 1 and stderr.count("MLflow reachable again") == failures, stderr
 
+    # A write in flight when close() gave up may or may not have arrived: it is in neither set.
+    unsure = reported_lost(stderr, "metric batches", "may not have been written")
+    unsure_images = reported_lost(stderr, "images", "may not have been written")
+    assert len(unsure) + len(unsure_images) <= MlflowSink.METRICS_PER_REQUEST and not (
+        unsure and unsure_images
+    )
+
     lost = reported_lost(stderr, "metric batches")
     history = client.get_metric_history(run_id, "loss")
     logged = {m.step for m in history}
-    assert logged | lost == set(range(1, last + 1)) and not logged & lost
+    assert (logged | lost) - unsure == set(range(1, last + 1)) - unsure and not logged & lost
     assert all(m.value == m.step * 0.5 for m in history)
 
     lost_images = reported_lost(stderr, "images")
     names = [f.path for f in client.list_artifacts(run_id, "images")]
     images = {int(re.search(r"\+step\+(\d+)\+", n)[1]) for n in names if "compressed" not in n}
-    assert images | lost_images == set(range(IMAGE_EVERY, last + 1, IMAGE_EVERY)), names
+    every_image = set(range(IMAGE_EVERY, last + 1, IMAGE_EVERY))
+    assert (images | lost_images) - unsure_images == every_image - unsure_images, names
     assert not images & lost_images
-    return lost, lost_images
+    return lost | unsure, lost_images | unsure_images
 
 
 @pytest.mark.integration
 def test_hanging_server_keeps_training_speed_and_every_metric(
     mlflow_uri, proxy, capsys, one_thread
 ):
-    """A queue big enough for the hang: nothing is lost, the backlog arrives after it."""
-    lost, lost_images = run_with_hang(mlflow_uri, proxy, capsys, max_pending_images=64)
+    """A queue big enough for the whole run: nothing is lost, the backlog arrives after the
+    hang. (Sized for every write the 11-s run could make, not for the hang alone: where the
+    server is slow, images queue up already before the hang; and time enough to drain.)"""
+    lost, lost_images = run_with_hang(
+        mlflow_uri, proxy, capsys, max_pending=100_000, max_pending_images=10_000,
+        flush_timeout_s=300,
+    )  # fmt: skip
     assert not lost and not lost_images
 
 
@@ -335,11 +353,19 @@ def test_full_queue_drops_the_oldest_and_close_reports_what_is_left(capsys):
     client = FakeClient()
     client.release.clear()  # the server hangs
     sink = fake_sink(client, max_pending=3, flush_timeout_s=0.2)
-    for step in range(1, 11):
+    sink.log_metrics({"loss": 1}, 1)
+    deadline = time.monotonic() + 30
+    while not sink._in_flight and time.monotonic() < deadline:  # the writer holds step 1
+        time.sleep(0.01)
+    for step in range(2, 11):
         sink.log_metrics({"loss": step}, step)
     sink.close()
     client.release.set()
     err = capsys.readouterr().err
-    assert reported_lost(err, "metric batches") == set(range(1, 11)), err
-    assert "still queued when close gave up after 0.2 s" in err
-    assert "dropped while the queue was full" in err
+    # Step 1 is unsure (the hung server may yet take it); 2-7 were dropped, 8-10 still queued.
+    assert reported_lost(err, "metric batches", "may not have been written") == {1}, err
+    assert reported_lost(err, "metric batches") == set(range(2, 11)), err
+    assert (
+        "6 dropped while the queue was full, 3 still queued when close gave up after 0.2 s" in err
+    )
+    assert "in flight when close gave up" in err
