@@ -94,7 +94,11 @@ def build_trainer(plan: RunPlan, use_gpu: bool, callbacks: list | None):
         ),
         datasets=build_datasets(plan.manifest, cfg.data, cfg.train.seed),
         dataset_config=DataConfig(
-            execution_options=ExecutionOptions(preserve_order=cfg.data.deterministic)
+            # One worker reads each dataset whole, in its own process: no streaming_split, so
+            # no split coordinator (an actor per domain to start, and a hop through it for
+            # every block).
+            datasets_to_split="all" if cfg.scaling.num_workers > 1 else [],
+            execution_options=ExecutionOptions(preserve_order=cfg.data.deterministic),
         ),
     )
 
