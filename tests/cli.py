@@ -3,12 +3,39 @@ the repository root, unbuffered, with its output captured."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An empty MLflow SQLite store, made once per test session."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-empty-"))
+    atexit.register(shutil.rmtree, folder, True)
+    db = folder / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{db}", (folder / "artifacts").as_uri()).engine.dispose()
+    return db
+
+
+def seed_mlflow_store(folder: str | Path) -> None:
+    """Give ``folder`` (a command's home, or an MLflow server's store) an empty ``mlflow.db``
+    unless it has one: the first open of a new SQLite store runs MLflow's schema migrations,
+    seconds of CPU that every test run would pay again. (The commands' own first-run path is
+    still taken by the unit tests' in-process stores and by ``make train``.)"""
+    db = Path(folder) / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_mlflow_store(), db)
 
 
 def run_module(

@@ -257,7 +257,9 @@ def running_mlflow_server(store: Path):
     import signal
     import urllib.request
 
-    store.mkdir(parents=True, exist_ok=True)
+    from tests.cli import seed_mlflow_store
+
+    seed_mlflow_store(store)
     port = free_port()
     cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import config as C
 from pipeline.loss_ablation import VARIANTS, parse_variants, table, variant_config
-from tests.cli import explain
+from tests.cli import explain, seed_mlflow_store
 from tests.test_train_cli import REPO, runs_of
 
 
@@ -41,6 +41,7 @@ def test_table_has_the_paper_columns():
 
 @pytest.mark.integration
 def test_cli_trains_each_variant_as_a_child_run(ray_head, scenes, tmp_path):
+    seed_mlflow_store(tmp_path)
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
     res = subprocess.run(

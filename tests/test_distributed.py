@@ -57,6 +57,8 @@ def sgd(nets: CycleGANNets) -> Optimizers:
 
 
 def ddp_loop(config: dict) -> None:
+    """Each case of ``config["cases"]`` in turn: fresh nets, DDP, ``steps`` steps with one
+    image per rank; then each rank saves its weights and gradients."""
     import ray.train
     import ray.train.torch
 
@@ -64,22 +66,26 @@ def ddp_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(0)
-    nets = build_nets(TINY)
-    opts = sgd(nets) if config["optimizer"] == "sgd" else build_optimizers(nets, _optim())
-    wrapped = CycleGANNets(**{n: ray.train.torch.prepare_model(m) for n, m in nets.items()})
-    for real_A, real_B in batches(world, config["steps"]):
-        train_step(
-            wrapped, opts, build_pools(0, 0), real_A[rank : rank + 1], real_B[rank : rank + 1], LOSS
-        )
-    out = {
-        "params": {n: unwrap(m).state_dict() for n, m in wrapped.items()},
-        "grads": {
-            n: {k: p.grad.clone() for k, p in unwrap(m).named_parameters() if p.grad is not None}
-            for n, m in wrapped.items()
-        },
-    }
-    torch.save(out, Path(config["out"]) / f"rank{rank}.pt")
+    for case in config["cases"]:
+        torch.manual_seed(0)
+        nets = build_nets(TINY)
+        opts = sgd(nets) if case["optimizer"] == "sgd" else build_optimizers(nets, _optim())
+        wrapped = CycleGANNets(**{n: ray.train.torch.prepare_model(m) for n, m in nets.items()})
+        for real_A, real_B in batches(world, case["steps"]):
+            train_step(
+                wrapped, opts, build_pools(0, 0), real_A[rank : rank + 1],
+                real_B[rank : rank + 1], LOSS,
+            )  # fmt: skip
+        out = {
+            "params": {n: unwrap(m).state_dict() for n, m in wrapped.items()},
+            "grads": {
+                n: {
+                    k: p.grad.clone() for k, p in unwrap(m).named_parameters() if p.grad is not None
+                }
+                for n, m in wrapped.items()
+            },
+        }
+        torch.save(out, Path(config["out"]) / f"{case['name']}-rank{rank}.pt")
 
 
 def _optim():
@@ -88,10 +94,24 @@ def _optim():
     return OptimConfig()
 
 
-def test_ddp_gradients_match_single_process(ray_client, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_ranks(ray_client, tmp_path_factory):
+    """One 2-worker Train run of two cases, each rank's weights and gradients after them:
+    ``sgd1`` one SGD step, ``adam4`` four Adam steps."""
+    out = tmp_path_factory.mktemp("ddp")
+    cases = [{"name": "sgd1", "optimizer": "sgd", "steps": 1},
+             {"name": "adam4", "optimizer": "adam", "steps": 4}]  # fmt: skip
+    fit(ddp_loop, {"cases": cases, "out": str(out)}, 2, out)
+
+    def ranks(case: str) -> list[dict]:
+        return [torch.load(out / f"{case}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    return ranks
+
+
+def test_ddp_gradients_match_single_process(ddp_ranks):
     """One step with 2 ranks x 1 image gives the gradients of one process on the 2 images."""
-    fit(ddp_loop, {"optimizer": "sgd", "steps": 1, "out": str(tmp_path)}, 2, tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = ddp_ranks("sgd1")
 
     torch.manual_seed(0)
     nets = build_nets(TINY)
@@ -122,9 +142,8 @@ def test_ddp_gradients_match_single_process(ray_client, tmp_path):
     assert checked == sum(len(list(n.parameters())) for _, n in nets.items())
 
 
-def test_ddp_params_stay_identical_across_ranks(ray_client, tmp_path):
-    fit(ddp_loop, {"optimizer": "adam", "steps": 4, "out": str(tmp_path)}, 2, tmp_path)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+def test_ddp_params_stay_identical_across_ranks(ddp_ranks):
+    r0, r1 = ddp_ranks("adam4")
     torch.manual_seed(0)
     initial = build_nets(TINY)
     for name, state in r0["params"].items():
@@ -160,6 +179,8 @@ def write_domains(
 
 
 def lockstep_loop(config: dict) -> None:
+    """Each case of ``config["cases"]`` in turn: its datasets ``A<i>``/``B<i>`` read for
+    ``epochs`` epochs as training reads them; each rank writes the keys of every batch."""
     import ray.train
 
     from cyclegan.transforms import to_input
@@ -169,25 +190,27 @@ def lockstep_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = DataConfig(load_size=12, crop_size=8, shuffle_buffer=4)
-    stream = UnpairedBatches(
-        {d: ray.train.get_dataset_shard(d) for d in ("A", "B")},
-        config["counts"],
-        cfg,
-        world,
-        rank,
-        seed=config["seed"],
-    )
-    log = {"steps_per_epoch": stream.plan.steps_per_epoch, "A": [], "B": [], "first": []}
-    for step in range(config["epochs"] * stream.plan.steps_per_epoch):
-        a, b, keys_A, keys_B = stream.next()
-        assert a.dtype == torch.uint8 and a.shape == (1, 8, 8, 3) and b.shape == (1, 8, 8, 3)
-        x = to_input(a)
-        assert x.shape == (1, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
-        log["A"].append(keys_A)
-        log["B"].append(keys_B)
-        if step < 3:
-            log["first"].append([a.tolist(), b.tolist()])
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
+    for i, case in enumerate(config["cases"]):
+        stream = UnpairedBatches(
+            {d: ray.train.get_dataset_shard(f"{d}{i}") for d in ("A", "B")},
+            case["counts"],
+            cfg,
+            world,
+            rank,
+            seed=case["seed"],
+        )
+        log = {"steps_per_epoch": stream.plan.steps_per_epoch, "A": [], "B": [], "first": []}
+        for step in range(case["epochs"] * stream.plan.steps_per_epoch):
+            a, b, keys_A, keys_B = stream.next()
+            assert a.dtype == torch.uint8 and a.shape == (1, 8, 8, 3) and b.shape == (1, 8, 8, 3)
+            x = to_input(a)
+            assert x.shape == (1, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+            log["A"].append(keys_A)
+            log["B"].append(keys_B)
+            if step < 3:
+                log["first"].append([a.tolist(), b.tolist()])
+        stream.close()
+        Path(config["out"], f"case{i}-rank{rank}.json").write_text(json.dumps(log))
 
 
 def datasets_of(root: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
@@ -200,30 +223,62 @@ def datasets_of(root: str, cfg, seed: int) -> tuple[dict, dict[str, int]]:
     return build_datasets(manifest, cfg, seed), check_dataset(manifest, cfg)
 
 
-def run_lockstep(root: str, tmp_path: Path, workers: int, epochs: int, seed: int = 0) -> list[dict]:
+def run_lockstep(cases: list[tuple[str, int, int]], out: Path, workers: int) -> list[list[dict]]:
+    """One Train run of ``workers`` reading each case (dataset root, epochs, seed) in turn;
+    per case, each rank's log of the batches it got."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
     from pipeline.config import DataConfig as PipelineDataConfig
 
-    datasets, counts = datasets_of(root, PipelineDataConfig(load_size=12, crop_size=8), seed)
-    out = tmp_path / f"out-{seed}-{workers}"
-    out.mkdir()
+    datasets, loop_cases = {}, []
+    for i, (root, epochs, seed) in enumerate(cases):
+        found, counts = datasets_of(root, PipelineDataConfig(load_size=12, crop_size=8), seed)
+        datasets.update({f"{d}{i}": ds for d, ds in found.items()})
+        loop_cases.append({"counts": counts, "epochs": epochs, "seed": seed})
+    out.mkdir(parents=True)
     fit(
         lockstep_loop,
-        {"counts": counts, "epochs": epochs, "out": str(out), "seed": seed},
+        {"cases": loop_cases, "out": str(out)},
         workers,
         out,
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+    return [
+        [json.loads((out / f"case{i}-rank{r}.json").read_text()) for r in range(workers)]
+        for i in range(len(cases))
+    ]
 
 
-@pytest.mark.parametrize(("n_a", "n_b"), [(7, 50), (50, 7)])
-def test_lockstep_epochs_cover_the_larger_domain(ray_client, tmp_path, n_a, n_b):
-    root = write_domains(tmp_path / "data", {"trainA": n_a, "trainB": n_b})
-    logs = run_lockstep(root, tmp_path, workers=2, epochs=2)
+LOCKSTEP_SIZES = [(7, 50), (50, 7)]
+
+
+@pytest.fixture(scope="module")
+def lockstep_logs(ray_client, tmp_path_factory) -> dict:
+    """Two workers, two epochs, over each of LOCKSTEP_SIZES (images of A, of B): one Train run."""
+    tmp = tmp_path_factory.mktemp("lockstep")
+    roots = [write_domains(tmp / f"data-{a}-{b}", {"trainA": a, "trainB": b})
+             for a, b in LOCKSTEP_SIZES]  # fmt: skip
+    logs = run_lockstep([(root, 2, 0) for root in roots], tmp / "out", workers=2)
+    return dict(zip(LOCKSTEP_SIZES, logs, strict=True))
+
+
+@pytest.fixture(scope="module")
+def one_worker_logs(ray_client, tmp_path_factory) -> dict:
+    """One worker over two datasets in one Train run: ``seeded`` (10 + 12 images, seed 3, one
+    epoch; its root too) and ``with_bad_row`` (6 + 6 images and an undecodable one in A, two
+    epochs)."""
+    tmp = tmp_path_factory.mktemp("one-worker")
+    seeded = write_domains(tmp / "seeded", {"trainA": 10, "trainB": 12})
+    bad = write_domains(tmp / "bad", {"trainA": 6, "trainB": 6}, bad={"trainA": ["trainA/bad.png"]})
+    logs = run_lockstep([(seeded, 1, 3), (bad, 2, 0)], tmp / "out", workers=1)
+    return {"seeded": (seeded, logs[0][0]), "with_bad_row": logs[1][0]}
+
+
+@pytest.mark.parametrize(("n_a", "n_b"), LOCKSTEP_SIZES)
+def test_lockstep_epochs_cover_the_larger_domain(lockstep_logs, n_a, n_b):
+    logs = lockstep_logs[n_a, n_b]
     spe = logs[0]["steps_per_epoch"]
     assert spe == max(n_a, n_b) // 2
     assert [len(log["A"]) for log in logs] == [2 * spe, 2 * spe]  # same steps on every rank
@@ -246,11 +301,9 @@ def test_lockstep_epochs_cover_the_larger_domain(ray_client, tmp_path, n_a, n_b)
     assert order[:spe] != order[spe:]
 
 
-def test_same_seed_same_batches(ray_client, tmp_path):
-    root = write_domains(tmp_path / "data", {"trainA": 10, "trainB": 12})
-    first = run_lockstep(root, tmp_path, workers=1, epochs=1, seed=3)[0]
-    (tmp_path / "again").mkdir()
-    again = run_lockstep(root, tmp_path / "again", workers=1, epochs=1, seed=3)[0]
+def test_same_seed_same_batches(one_worker_logs, tmp_path):
+    root, first = one_worker_logs["seeded"]
+    (again,) = run_lockstep([(root, 1, 3)], tmp_path / "again", workers=1)[0]
     assert first["first"] == again["first"]
     assert first["A"] == again["A"]
 
@@ -272,12 +325,8 @@ def test_same_seed_same_batches(ray_client, tmp_path):
     assert drawn[3][0] != drawn[4][0] and drawn[3][1] != drawn[4][1]
 
 
-def test_reader_skips_undecodable_rows(ray_client, tmp_path):
-    root = write_domains(
-        tmp_path / "data", {"trainA": 6, "trainB": 6}, bad={"trainA": ["trainA/bad.png"]}
-    )
-    logs = run_lockstep(root, tmp_path, workers=1, epochs=2)
-    keys = {k for batch in logs[0]["A"] for k in batch}
+def test_reader_skips_undecodable_rows(one_worker_logs):
+    keys = {k for batch in one_worker_logs["with_bad_row"]["A"] for k in batch}
     assert "trainA/bad.png" not in keys
     assert keys == {f"trainA/{i:03d}.png" for i in range(6)}
 
@@ -288,9 +337,9 @@ def test_reads_shards_from_s3(ray_client, s3_env, tmp_path):
 
     uri = f"{s3_env}/scenes"
     write_scenes(uri, size=16, train_a=6, train_b=4, test=0, seed=0)
-    logs = run_lockstep(uri, tmp_path, workers=1, epochs=1)
-    assert logs[0]["steps_per_epoch"] == 6
-    assert len({k for b in logs[0]["A"] for k in b}) == 6
+    ((log,),) = run_lockstep([(uri, 1, 0)], tmp_path / "out", workers=1)
+    assert log["steps_per_epoch"] == 6
+    assert len({k for b in log["A"] for k in b}) == 6
 
 
 def _fail_on(batch: dict, bad: str) -> dict:

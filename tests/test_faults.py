@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cyclegan.checkpoint import load_checkpoint
-from tests.cli import explain
+from tests.cli import explain, seed_mlflow_store
 from tests.test_train_cli import (
     checkpoint_dirs,
     final_checkpoint,
@@ -31,6 +31,7 @@ def test_killed_driver_resumes_past_a_corrupt_checkpoint_as_if_never_stopped(
     short): the resume says so, continues from the one before, and ends in the same run, with
     the same weights as a run that went straight to the same step (across an epoch boundary:
     the learning-rate schedule and the data order are restored too)."""
+    seed_mlflow_store(tmp_path)
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     common = ["--preset", "tiny", "--data", scenes, "--set", "train.checkpoint_every=5",

@@ -20,7 +20,7 @@ from pipeline.storage import (
     write_bytes_atomic,
 )
 from pipeline.storage.filesystems import RetryingS3FileSystem
-from tests.cli import explain
+from tests.cli import explain, seed_mlflow_store
 from tests.conftest import S3_KEY, S3_REGION, S3_SECRET
 from tests.test_train_cli import runs_of, start_train, train_cli
 
@@ -166,6 +166,7 @@ def test_training_rides_through_outages_while_reading_and_uploading(
     bucket, proxy = flaky_s3
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)  # moto accepts any key
     data = _scenes_on(bucket)
+    seed_mlflow_store(tmp_path)
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     # The first checkpoint upload is cut half-way and the server stays away for 3 s; then

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import explain
+from tests.cli import explain, seed_mlflow_store
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +24,7 @@ FAULT_HOOKS = {"CYCLEGAN_FAULT_HOOKS": str(Path(__file__).resolve().parent / "fa
 def train_cli(args, home, env_extra=None, timeout=420):
     import os
 
+    seed_mlflow_store(home)
     env = {**os.environ, "CYCLEGAN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(env_extra or {})
@@ -280,6 +281,7 @@ def test_worker_killed_from_outside_then_ctrl_c_then_resume(ray_head, scenes, tm
     orphan = Path(ray_head.temp) / "cyclegan-staging" / f"{STAGING_PREFIX}{dead_pid()}-test"
     orphan.mkdir(parents=True)
     (orphan / "checkpoint.pt").write_bytes(os.urandom(1000))
+    seed_mlflow_store(tmp_path)
     env = {**os.environ, **ray_head.env, "CYCLEGAN_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     args = ["--preset", "tiny", "--data", scenes, "--num-workers", "2", "--name", "victim",

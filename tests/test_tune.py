@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli import explain
+from tests.cli import explain, seed_mlflow_store
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tune_cli(args, home, env):
+    seed_mlflow_store(home)
     return subprocess.run(
         [sys.executable, "-m", "pipeline.tune", *args],
         cwd=REPO,
@@ -176,6 +177,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_head, scen
             "--max-concurrent", "1", "--name", "killed"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ray_head.env, CYCLEGAN_HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    seed_mlflow_store(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.tune", *args], cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
