@@ -21,7 +21,7 @@ VERBOSE_ENV = "CYCLEGAN_VERBOSE"
 # Ray's loggers whose INFO lines are about Ray's machinery, not the user's run.
 # Tune's own lines (trial status, PBT's exploits) stay: they are the sweep's story.
 RAY_LOGGERS = ("ray.data", "ray.train", "ray.air", "ray.util")
-MLFLOW_LOGGERS = ("mlflow.store.db.utils", "alembic")
+MLFLOW_LOGGERS = ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics")
 
 
 def verbose() -> bool:
@@ -53,20 +53,20 @@ def quiet_ray_loggers(root: bool = False) -> None:
     logs each report through a logger named after its file) from the root logger too."""
     if verbose():
         return
-    for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # MLflow's "Creating initial MLflow database tables..." on a new local store.
-    for name in MLFLOW_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if root:
-        logging.getLogger().setLevel(logging.WARNING)
+    # MLflow's "Creating initial MLflow database tables..." on a new local store, and its
+    # system-metrics monitor's start and stop lines.
+    names = [*RAY_LOGGERS, *MLFLOW_LOGGERS, *([""] if root else [])]
+    for logger in map(logging.getLogger, names):
+        # Never lower a stricter level: Ray Data's loggers in a worker are already at ERROR
+        # (``RAY_DATA_LOG_LEVEL``, see quiet_env), which keeps "Progress bars disabled" out.
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
 
 
 def quiet_env() -> dict[str, str]:
     """What Ray's worker processes need to stay as quiet as the driver: their Ray Data
-    contexts start with progress bars off, and Ray Data's loggers there (in the split
-    coordinators that feed the training workers: "Progress bars disabled", "Dataset ...
-    execution finished") keep only errors."""
+    contexts start with progress bars off, and Ray Data's loggers there (in the training
+    workers and split coordinators that run the datasets: "Progress bars disabled", "Dataset
+    ... execution finished") keep only errors."""
     if verbose():
         return {}
     return {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "ERROR"}

@@ -52,3 +52,24 @@ def test_summary_gives_losses_scores_and_where_the_model_is():
     assert "done: run r1, step 40," in text
     assert "G_A 0.500" in text and "class_iou 0.250" in text and "lr" not in text
     assert "s3://b/runs/r1/checkpoint_x" in text
+
+
+def test_quieting_ray_loggers_never_lowers_a_stricter_level(monkeypatch):
+    """A training worker quiets Ray's loggers to warnings; Ray Data's, already at ERROR there
+    (RAY_DATA_LOG_LEVEL), must stay at ERROR or its "Progress bars disabled" warning shows."""
+    import logging
+
+    from pipeline import console
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    levels = {name: logging.getLogger(name).level for name in ("", "ray.data", "ray.train")}
+    try:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.train").setLevel(logging.INFO)
+        console.quiet_ray_loggers(root=True)
+        assert logging.getLogger("ray.data").level == logging.ERROR
+        assert logging.getLogger("ray.train").level == logging.WARNING
+        assert logging.getLogger().getEffectiveLevel() >= logging.WARNING
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

@@ -104,6 +104,7 @@ def test_asha_sweep_stops_a_bad_trial_and_writes_the_best_config(ray_head, scene
     res = tune_cli(args, tmp_path, ray_head.env)
     assert res.returncode == 0, explain(res)
     assert "best loss/cycle_A" in res.stdout
+    assert "Progress bars disabled" not in res.stdout + res.stderr  # Ray Data in the trials
 
     client, kids = _children(tmp_path)
     assert len(kids) == 2
