@@ -173,6 +173,9 @@ class NullSink:
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         pass
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
@@ -300,6 +303,19 @@ class MlflowSink(NullSink):
         now = int(time.time() * 1000)
         self._put(_Write(step, image=np.array(image, copy=True), key=key, timestamp=now))
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` (default ``flush_timeout_s``) until every write queued so
+        far went through; True when they did. Returns at once while the server is failing: an
+        outage must not stall training."""
+        deadline = time.monotonic() + (self.flush_timeout_s if timeout_s is None else timeout_s)
+        with self._cond:
+            while self._queue or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.failures or self._closing:
+                    return False
+                self._cond.wait(min(remaining, 0.5))
+        return True
+
     def close(self) -> None:
         """Wait up to ``flush_timeout_s`` for the queue to drain; report what was lost."""
         if self._system is not None:
@@ -378,6 +394,7 @@ class MlflowSink(NullSink):
                 if self._in_flight:  # else close() gave up on them and counted them lost
                     self._lose(rejected, "rejected by the server")
                 self._in_flight = []
+                self._cond.notify_all()  # for flush()
 
     def _take(self) -> list[_Write]:
         """The next request's writes (under the lock): one image, or metric batches in a row."""

@@ -369,3 +369,30 @@ def test_full_queue_drops_the_oldest_and_close_reports_what_is_left(capsys):
         "6 dropped while the queue was full, 3 still queued when close gave up after 0.2 s" in err
     )
     assert "in flight when close gave up" in err
+
+
+def test_flush_waits_for_the_queue_and_never_for_a_failing_server():
+    """flush() (before each report of a Tune trial) returns once every queued write went
+    through; while the server hangs it waits only up to its timeout, and while requests fail
+    it returns at once."""
+    client = FakeClient()
+    client.release.clear()  # the server hangs
+    sink = fake_sink(client)
+    log_steps(sink, 3)
+    started = time.monotonic()
+    assert not sink.flush(0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+    client.release.set()
+    assert sink.flush(30) and sorted(s for r in client.requests for s in r) == [1, 2, 3]
+    sink.close()
+
+    failing = fake_sink(FakeClient(failures=1000))
+    log_steps(failing, 2)
+    deadline = time.monotonic() + 30
+    while not failing.failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert not failing.flush(30)
+    assert time.monotonic() - started < 1
+    failing.flush_timeout_s = 0.2
+    failing.close()
