@@ -173,7 +173,7 @@ class NullSink:
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         pass
 
-    def flush(self, timeout_s: float | None = None) -> bool:
+    def flush(self) -> bool:
         return True
 
     def close(self) -> None:
@@ -303,18 +303,16 @@ class MlflowSink(NullSink):
         now = int(time.time() * 1000)
         self._put(_Write(step, image=np.array(image, copy=True), key=key, timestamp=now))
 
-    def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait up to ``timeout_s`` (default ``flush_timeout_s``) until every write queued so
-        far went through; True when they did. Returns at once while the server is failing: an
-        outage must not stall training."""
-        deadline = time.monotonic() + (self.flush_timeout_s if timeout_s is None else timeout_s)
+    def flush(self) -> bool:
+        """Wait up to ``flush_timeout_s`` until every write queued so far went through; True
+        when they did. At once False while the server is failing: an outage never stalls."""
+        deadline = time.monotonic() + self.flush_timeout_s
         with self._cond:
-            while self._queue or self._in_flight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.failures or self._closing:
+            while (self._queue or self._in_flight) and not (self.failures or self._closing):
+                if (remaining := deadline - time.monotonic()) <= 0:
                     return False
                 self._cond.wait(min(remaining, 0.5))
-        return True
+            return not (self._queue or self._in_flight)
 
     def close(self) -> None:
         """Wait up to ``flush_timeout_s`` for the queue to drain; report what was lost."""
@@ -333,20 +331,16 @@ class MlflowSink(NullSink):
                 self._gave_up.set()
                 why = f"still queued when close gave up after {self.flush_timeout_s:g} s"
                 self._lose(list(self._queue), why)
-                # The request in flight may still arrive: it is reported apart, as unsure.
-                unsure, self._in_flight = self._in_flight, []
+                unsure, self._in_flight = self._in_flight, []  # may still arrive: told apart
                 self._queue.clear()
-            lost = {kind: steps for kind, steps in self._lost.items() if steps}
-            counts = [f"{len(steps)} {kind} could not be written (steps "
-                      f"{_step_ranges(steps)})" for kind, steps in lost.items()]  # fmt: skip
-            if lost:
-                why = ", ".join(f"{n} {reason}" for reason, n in self._lost_why.items())
-                counts[-1] += f": {why}"
+            counts = [f"{len(steps)} {kind} could not be written (steps {_step_ranges(steps)})"
+                      for kind, steps in self._lost.items() if steps]  # fmt: skip
+            if counts:
+                counts[-1] += ": " + ", ".join(f"{n} {why}" for why, n in self._lost_why.items())
             if unsure:
-                counts.append(
-                    f"{len(unsure)} {unsure[0].kind} may not have been written (steps "
-                    f"{_step_ranges([w.step for w in unsure])}): in flight when close gave up"
-                )
+                counts.append(f"{len(unsure)} {unsure[0].kind} may not have been written (steps "
+                              f"{_step_ranges([w.step for w in unsure])}): in flight when close "
+                              "gave up")  # fmt: skip
             if counts:
                 _warn(f"[tracking] {'; '.join(counts)}")
 

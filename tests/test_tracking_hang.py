@@ -377,22 +377,23 @@ def test_flush_waits_for_the_queue_and_never_for_a_failing_server():
     it returns at once."""
     client = FakeClient()
     client.release.clear()  # the server hangs
-    sink = fake_sink(client)
+    sink = fake_sink(client, flush_timeout_s=0.3)
     log_steps(sink, 3)
     started = time.monotonic()
-    assert not sink.flush(0.3)
+    assert not sink.flush()
     assert 0.3 <= time.monotonic() - started < 5
     client.release.set()
-    assert sink.flush(30) and sorted(s for r in client.requests for s in r) == [1, 2, 3]
+    sink.flush_timeout_s = 30
+    assert sink.flush() and sorted(s for r in client.requests for s in r) == [1, 2, 3]
     sink.close()
 
-    failing = fake_sink(FakeClient(failures=1000))
+    failing = fake_sink(FakeClient(failures=1000), flush_timeout_s=30)
     log_steps(failing, 2)
     deadline = time.monotonic() + 30
     while not failing.failures and time.monotonic() < deadline:
         time.sleep(0.01)
     started = time.monotonic()
-    assert not failing.flush(30)
+    assert not failing.flush()
     assert time.monotonic() - started < 1
     failing.flush_timeout_s = 0.2
     failing.close()
