@@ -43,6 +43,10 @@ class RunPlan:
     started_at: float = 0.0
     """When the run was asked for (epoch seconds): the command's process start, or the call
     of ``train``; the start-up timeline counts from here."""
+    sweep_trial: bool = False
+    """The run is one trial of a sweep: its scheduler may stop it at any report, and Tune then
+    ends its processes without the loop's ``finally``, so rank 0 sends the MLflow writes queued
+    so far before each report."""
     startup: dict[str, float] = field(default_factory=dict, compare=False)
     """The driver's start-up milestones (seconds after ``started_at``); rank 0 logs them with
     its own as ``startup/*`` metrics."""

@@ -137,7 +137,7 @@ def _trial_plan(config: dict, resume_if_exists: bool) -> RunPlan:
     # A restored sweep re-runs unfinished trials: continue their training runs.
     resume = resume_if_exists and runs.exists(plan.storage_uri, name)
     cfg = C.merge(cfg, {"storage": {"name": name, "resume": resume}})
-    return plan.with_config(cfg)
+    return dataclasses.replace(plan.with_config(cfg), sweep_trial=True)
 
 
 def trial_fn(config: dict) -> None:

@@ -89,7 +89,6 @@ class TrainRuntime:
     """The loop inside a TorchTrainer: DDP ranks, dataset shards and reports of Ray Train."""
 
     checkpoint_class = ray.train.Checkpoint
-    flush_before_report = False
 
     def __init__(self) -> None:
         ctx = ray.train.get_context()
@@ -111,9 +110,6 @@ class TuneRuntime:
     which population-based training needs to copy a good trial into a weak one."""
 
     checkpoint_class = ray.tune.Checkpoint
-    # A scheduler may stop the trial at any report, and Tune then ends its process without
-    # running the loop's ``finally``: the metrics logged so far are sent before each report.
-    flush_before_report = True
 
     def __init__(self, datasets: dict) -> None:
         self.rank, self.world = 0, 1
@@ -375,7 +371,7 @@ def save_and_report(runtime, plan, state, losses, progress, evaluator, eval_due)
             progress.sink.log_metrics(evaluator.scores(state.nets), state.step)
         metrics.update(evaluator.last)
         ckpt = state_checkpoint(plan, state, losses)
-        if runtime.flush_before_report:
+        if plan.sweep_trial:
             progress.sink.flush()
     checkpoints.report(runtime, metrics, ckpt, say)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import yaml
 
 from tests.cli import explain, seed_mlflow_store
+from tests.conftest import running_mlflow_server
+from tests.proxy import BlackHoleProxy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,10 +80,10 @@ def test_bad_space_is_a_clear_error(tune_main):
     assert code == 2 and "unknown kind" in err
 
 
-def _children(home):
+def _children(home, tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    client = MlflowClient(tracking_uri or f"sqlite:///{home}/mlflow.db")
     exp = client.get_experiment_by_name("cyclegan")
     runs = client.search_runs([exp.experiment_id]) if exp else []
     parent = next((r for r in runs if r.data.tags.get("kind") == "tune"), None)
@@ -101,16 +104,36 @@ def test_asha_sweep_stops_a_bad_trial_and_writes_the_best_config(ray_head, scene
             "--space", "optim.lr=grid:2e-3,1e-12", "--space", "loss.lambda_cyc=choice:7",
             "--num-samples", "1", "--grace-period", "1", "--max-concurrent", "1",
             "--metric", "loss/cycle_A", "--mode", "min", "--name", "asha"]  # fmt: skip
-    res = tune_cli(args, tmp_path, ray_head.env)
-    assert res.returncode == 0, explain(res)
-    assert "best loss/cycle_A" in res.stdout
-    assert "Progress bars disabled" not in res.stdout + res.stderr  # Ray Data in the trials
+    # A tracking server slow to take metrics: from the bad trial on (the third run created:
+    # sweep, good trial, bad trial) each metrics request is held 3 s. ASHA stops the bad trial
+    # at its first report and Tune then ends its processes at once, so what the trial logged
+    # before that report is in its run only if it was sent before the report.
+    with running_mlflow_server(tmp_path / "server") as server:
+        proxy = BlackHoleProxy(int(server.rsplit(":", 1)[1]))
+        runs_created = []
 
-    client, kids = _children(tmp_path)
+        def bad_trial_metrics(request: bytes) -> bool:
+            runs_created.extend(re.findall(rb"POST /api/2.0/mlflow/runs/create ", request))
+            return len(runs_created) >= 3 and b"/runs/log-batch " in request
+
+        proxy.delay(3.0, bad_trial_metrics)
+        try:
+            res = tune_cli(args, tmp_path, {**ray_head.env, "MLFLOW_TRACKING_URI": proxy.endpoint})
+        finally:
+            proxy.close()
+        assert res.returncode == 0, explain(res)
+        assert "best loss/cycle_A" in res.stdout
+        assert "Progress bars disabled" not in res.stdout + res.stderr  # Ray Data in the trials
+        assert len(runs_created) == 3
+        _check_asha_sweep(*_children(tmp_path, server), tmp_path, res)
+
+
+def _check_asha_sweep(client, kids, tmp_path, res):
     assert len(kids) == 2
     last = {}
     for kid in kids:
         history = client.get_metric_history(kid.info.run_id, "loss/cycle_A")
+        assert history, f"{kid.info.run_name}: no loss/cycle_A in its run\n{explain(res)}"
         last[float(kid.data.params["optim.lr"])] = max(m.step for m in history)
         assert client.get_metric_history(kid.info.run_id, "eval/class_iou")  # trials evaluate
         assert (
