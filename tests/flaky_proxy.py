@@ -1,5 +1,5 @@
-"""A TCP proxy in front of a local server that can go down and come back: an outage of the
-object store without losing the server's state (moto keeps its buckets in memory)."""
+"""A TCP proxy in front of a local server that can go down and come back (an outage of the
+object store without losing the server's state: moto keeps its buckets in memory) or be slow."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from tests.conftest import free_port
 
@@ -17,7 +18,9 @@ class FlakyProxy:
     ``down()`` refuses new connections and cuts the open ones (requests in flight fail);
     ``up()`` serves again. ``cut_when(pattern, seconds)`` arms a trigger: the first
     client->server chunk containing ``pattern`` is forwarded (the start of that request
-    reaches the server) and then the proxy goes down for ``seconds``.
+    reaches the server) and then the proxy goes down for ``seconds``. ``delay(seconds, when)``
+    holds each client->server chunk for which ``when(chunk)`` is true that long before passing
+    it on: a server slow to take some requests.
     """
 
     def __init__(self, upstream: int) -> None:
@@ -27,6 +30,7 @@ class FlakyProxy:
         self._listener: socket.socket | None = None
         self._trigger: tuple[bytes, float] | None = None
         self._skip = 0
+        self._delay: tuple[float, Callable[[bytes], bool]] | None = None
         self.triggered = threading.Event()
         self.outages: list[tuple[float, float]] = []  # (start, end) monotonic times
         self.up()
@@ -69,6 +73,9 @@ class FlakyProxy:
         with self._lock:
             self._trigger, self._skip = (pattern, seconds), skip
 
+    def delay(self, seconds: float, when: Callable[[bytes], bool]) -> None:
+        self._delay = (seconds, when)
+
     def close(self) -> None:
         self._trigger = None
         self.down()
@@ -109,6 +116,8 @@ class FlakyProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if upstream and self._delay and self._delay[1](data):
+                    time.sleep(self._delay[0])
                 if upstream and self._fires(data):
                     dst.sendall(data[: len(data) // 2 or 1])
                     self.triggered.set()

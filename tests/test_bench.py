@@ -70,6 +70,22 @@ def test_unknown_variant_is_refused():
     assert "fp64" in res.stderr and "bf16_channels_last" in res.stderr
 
 
+def test_the_readmes_bench_commands_parse_and_name_real_variants():
+    import shlex
+
+    from pipeline.bench.cli import build_parser
+    from pipeline.bench.step import VARIANTS
+
+    lines = (REPO / "README.md").read_text().splitlines()
+    commands = [shlex.split(line.split("  #")[0])[3:] for line in lines
+                if line.startswith("python -m pipeline.bench ")]  # fmt: skip
+    assert len(commands) >= 7
+    for argv in commands:
+        args = build_parser().parse_args(argv)  # an unknown flag exits: the test fails
+        if args.command == "step" and args.variants:
+            assert set(args.variants.split(",")) <= set(VARIANTS), argv
+
+
 def test_flops_are_positive_and_scale_with_batch():
     cfg = C.preset("tiny")
     one, two = train_step_flops(cfg, 1), train_step_flops(cfg, 2)

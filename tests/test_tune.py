@@ -13,7 +13,7 @@ import yaml
 
 from tests.cli import explain, seed_mlflow_store
 from tests.conftest import running_mlflow_server
-from tests.proxy import BlackHoleProxy
+from tests.flaky_proxy import FlakyProxy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_asha_sweep_stops_a_bad_trial_and_writes_the_best_config(ray_head, scene
     # at its first report and Tune then ends its processes at once, so what the trial logged
     # before that report is in its run only if it was sent before the report.
     with running_mlflow_server(tmp_path / "server") as server:
-        proxy = BlackHoleProxy(int(server.rsplit(":", 1)[1]))
+        proxy = FlakyProxy(int(server.rsplit(":", 1)[1]))
         runs_created = []
 
         def bad_trial_metrics(request: bytes) -> bool:

@@ -57,6 +57,13 @@ class Variant:
 # two such processes beside five of batch 1, should stay near 65 GiB.
 BIG_BATCH = 16
 
+# OpenMP's threads pinned, one to a core: none of them moves while the others wait for it.
+OMP_BIND = (("OMP_PROC_BIND", "close"), ("OMP_PLACES", "cores"))
+# glibc's malloc keeps freed memory for the next step instead of giving it back to the kernel
+# (mmap for each large buffer, then a page fault for each of its pages on the next use).
+MALLOC_KEEP = (("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20)), ("MALLOC_TRIM_THRESHOLD_", str(2**34)))
+
+# fmt: off
 VARIANTS = {
     v.name: v
     for v in (
@@ -65,37 +72,28 @@ VARIANTS = {
         # OpenMP's idle threads sleep at once instead of spinning for a while: what a shared
         # machine would want, at the cost of a wake-up at every barrier.
         Variant("fp32_omp_passive", env=(("OMP_WAIT_POLICY", "PASSIVE"),)),
+        Variant("fp32_omp_bind", env=OMP_BIND),
+        Variant("fp32_malloc_keep", env=MALLOC_KEEP),
         Variant("bf16", bf16=True),
         Variant("channels_last", channels_last=True),
         Variant("bf16_channels_last", bf16=True, channels_last=True),
         Variant("compile", compile=True),
+        Variant("compile_cl", channels_last=True, compile=True),
+        Variant("compile_cl_omp_bind", channels_last=True, compile=True, env=OMP_BIND),
+        Variant("compile_cl_autotune", channels_last=True, compile=True,
+                compile_mode="max-autotune"),
         Variant("compile_bf16", bf16=True, compile=True),
         Variant("compile_bf16_cl", bf16=True, channels_last=True, compile=True),
-        Variant(
-            "cudagraphs_bf16_cl",
-            bf16=True,
-            channels_last=True,
-            compile=True,
-            compile_mode="reduce-overhead",
-        ),
+        Variant("cudagraphs_bf16_cl", bf16=True, channels_last=True, compile=True,
+                compile_mode="reduce-overhead"),
         Variant(f"bf16_cl_batch{BIG_BATCH}", bf16=True, channels_last=True, batch_size=BIG_BATCH),
-        Variant(
-            f"compile_bf16_cl_batch{BIG_BATCH}",
-            bf16=True,
-            channels_last=True,
-            compile=True,
-            batch_size=BIG_BATCH,
-        ),
-        Variant(
-            f"autotune_bf16_cl_batch{BIG_BATCH}",
-            bf16=True,
-            channels_last=True,
-            compile=True,
-            compile_mode="max-autotune",
-            batch_size=BIG_BATCH,
-        ),
+        Variant(f"compile_bf16_cl_batch{BIG_BATCH}", bf16=True, channels_last=True, compile=True,
+                batch_size=BIG_BATCH),
+        Variant(f"autotune_bf16_cl_batch{BIG_BATCH}", bf16=True, channels_last=True, compile=True,
+                compile_mode="max-autotune", batch_size=BIG_BATCH),
     )
 }
+# fmt: on
 DEFAULT_VARIANTS = (
     "official",
     "fp32",
