@@ -66,6 +66,26 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a step frees for the next step; True where set.
+
+    By default glibc gives large freed buffers back to the kernel (mmap'd ones at once, the
+    top of a heap above the trim threshold), and the next step's buffers of the same sizes
+    then fault every page in again, zero-filled by the kernel: measured in a demo run's
+    worker, about 4000 page faults a step, and 10% more images/s with this setting. Buffers
+    under 32 MiB now come from the heap, and nothing is trimmed: the process keeps its peak.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # this process's own C library
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and
+                libc.mallopt(m_trim_threshold, 2**31 - 1))  # fmt: skip
+
+
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 where it was chosen, or on 'auto' where the hardware runs it fast."""
     if cfg.train.precision == "bf16":
@@ -414,6 +434,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     cfg, runtime = plan.config, runtime or TrainRuntime()
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(plan.threads_per_worker)
+    keep_freed_memory()
 
     # The data first: Ray Data starts reading while the nets are built.
     found = find_checkpoint(runtime, plan, device)

@@ -17,9 +17,9 @@ from pipeline.bench.common import in_fresh_process, summarize
 
 SETTINGS = {
     # name: (preset, changes to it, side of the built-in scenes in px, images per domain, steps)
-    "32px": ("demo", {"data": {"load_size": 36, "crop_size": 32}}, 32, 2000, 400),
-    "demo": ("demo", {}, 128, 1000, 200),
-    "paper128": ("paper128", {}, 128, 500, 24),
+    "32px": ("demo", {"data": {"load_size": 36, "crop_size": 32}}, 32, 2000, 800),
+    "demo": ("demo", {}, 128, 1000, 400),
+    "paper128": ("paper128", {}, 128, 500, 48),
 }
 """The issue's three: the demo nets at 32 px on 2000 images a domain (where thousands of tiny ops
 make every stolen core show), the demo preset, and paper128."""
@@ -48,9 +48,10 @@ def _bare_step(cfg_dict: dict, threads: int, steps: int, warmup: int) -> dict:
 
     from pipeline import config as C
     from pipeline.bench.step import VARIANTS, StepRunner
-    from pipeline.worker import autocast_dtype
+    from pipeline.worker import autocast_dtype, keep_freed_memory
 
     torch.set_num_threads(threads)
+    keep_freed_memory()
     cfg = C.from_dict(cfg_dict)
     bf16 = autocast_dtype(cfg, torch.device("cpu")) is not None
     runner = StepRunner(cfg, cfg.data.batch_size, VARIANTS["bf16" if bf16 else "fp32"], "cpu", 0)
