@@ -35,12 +35,12 @@ pytest_plugins = ["tests.ray_fixtures"]
 # process the tests start (they inherit this environment).
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
-# MLflow's import asks the platform module for the OS name, which runs a process: import it
-# once here, before the unit tier's no-process rule is in force.
-import mlflow  # noqa: E402, F401
-# matplotlib (which torchmetrics and MLflow load) builds its font cache on its first import in a
-# new environment, running `fc-list` where fontconfig is installed (Chromium brings it): here.
+# Imports that run a process, done once here before the unit tier's no-process rule is in
+# force: matplotlib (which torchmetrics and MLflow load) builds its font cache on its first
+# import in a new environment, running `fc-list` where fontconfig is installed (Chromium
+# brings it); MLflow's import asks the platform module for the OS name.
 import matplotlib.font_manager  # noqa: E402, F401
+import mlflow  # noqa: E402, F401
 
 VENV_BIN = Path(sys.executable).parent
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
