@@ -106,6 +106,7 @@ def connect(
     cpus_beyond_cores: float = 0.0,
     address: str | None = None,
     import_ahead: tuple[str, ...] = (),
+    dashboard: bool | None = None,
 ) -> bool:
     """Join ``address`` (default ``scaling.address``, else ``$RAY_ADDRESS``, else a cluster
     ``ray start`` runs on this machine), or start a private local Ray (address ``local``, or
@@ -114,7 +115,8 @@ def connect(
 
     The extra logical CPUs let the training workers reserve theirs while Ray Data still gets
     one per core, so data tasks can always be scheduled next to the workers.
-    ``import_ahead``: modules to load meanwhile (see :func:`import_in_background`)."""
+    ``import_ahead``: modules to load meanwhile (see :func:`import_in_background`).
+    ``dashboard``: start Ray's dashboard with a local Ray (default ``scaling.dashboard``)."""
     global _dashboard_url
     import ray
 
@@ -143,7 +145,7 @@ def connect(
         # Ray's "Started a local Ray instance" line: the run's header names the dashboard.
         logging_level=logging.INFO if verbose() else logging.WARNING,
         num_cpus=(os.cpu_count() or 1) + math.ceil(cpus_beyond_cores),
-        include_dashboard=True,
+        include_dashboard=cfg.scaling.dashboard if dashboard is None else dashboard,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         _system_config=RAY_SYSTEM_CONFIG,
