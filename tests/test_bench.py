@@ -187,3 +187,24 @@ def test_gpu_check_phases_are_checked_before_anything_runs():
         parse_phases("translate")
     with pytest.raises(ValueError, match="choose from tests, train, translate, step"):
         parse_phases("tests,gpu")
+
+
+def test_startup_names_each_process_and_counts_cpu_before_the_first_step():
+    from pipeline.bench.startup import IDLE, _cpu_before, _process_name
+
+    venv = "/v/lib/python3.11/site-packages/ray"
+    raylet = [f"{venv}/core/src/ray/raylet/raylet", "--python_worker_command=python",
+              f"{venv}/_private/workers/default_worker.py"]  # fmt: skip
+    idle = ["python", f"{venv}/_private/workers/default_worker.py", "--raylet-name=/t/raylet", "x"]
+    assert _process_name(raylet, False) == "raylet"
+    assert _process_name([f"{venv}/core/src/ray/gcs/gcs_server", "--x"], False) == "GCS"
+    assert _process_name(idle, False) == IDLE
+    assert _process_name(["ray::TrainController.run", ""], False) == "TrainController"
+    assert _process_name(["ray::IDLE"], False) == IDLE
+    assert _process_name(["python", "-m", "pipeline.train"], True).startswith("pipeline.train")
+    # CPU counted up to the first step only; a process started after it is not counted.
+    samples = {1: ["raylet", [(0.5, 0.1), (2.0, 0.4), (9.0, 3.0)]],
+               2: ["MapBatches", [(1.0, 0.2), (2.5, 1.0)]],
+               3: ["MapBatches", [(1.5, 0.3)]],
+               4: ["_StatsActor", [(5.0, 0.5)]]}  # fmt: skip
+    assert _cpu_before(samples, until=3.0) == {"raylet": [0.4, 1], "MapBatches": [1.3, 2]}
