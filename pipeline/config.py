@@ -162,9 +162,6 @@ class ScalingConfig:
     workers on those nodes."""
     address: str = ""
     """Ray cluster address (empty: $RAY_ADDRESS, else a local Ray started in-process)."""
-    dashboard: bool = False
-    """Start Ray's dashboard with a local Ray this command starts (a cluster joined keeps its
-    own). Off by default: on a small machine it delays the first step by about 2 s."""
     placement_timeout_s: float = 300.0
     """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need
     (0 to 604800 s, a week)."""

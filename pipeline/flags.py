@@ -55,9 +55,6 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="keep Ray's own output (Ray Data banners and bars, Ray's log levels)")  # fmt: skip
     add_address_flag(p)
-    p.add_argument("--dashboard", action="store_true", default=None,
-                   help="start Ray's dashboard with a private local Ray (a joined cluster "
-                   "keeps its own)")  # fmt: skip
 
 
 def add_address_flag(p: argparse.ArgumentParser) -> None:
@@ -97,7 +94,6 @@ def _flag_tree(args: argparse.Namespace) -> dict:
         ("max_steps", "train", "max_steps"),
         ("register", "tracking", "register"),
         ("address", "scaling", "address"),
-        ("dashboard", "scaling", "dashboard"),
     )
     for attr, section, key in pairs:
         value = getattr(args, attr, None)

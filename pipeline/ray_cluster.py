@@ -106,7 +106,6 @@ def connect(
     cpus_beyond_cores: float = 0.0,
     address: str | None = None,
     import_ahead: tuple[str, ...] = (),
-    dashboard: bool | None = None,
 ) -> bool:
     """Join ``address`` (default ``scaling.address``, else ``$RAY_ADDRESS``, else a cluster
     ``ray start`` runs on this machine), or start a private local Ray (address ``local``, or
@@ -115,8 +114,7 @@ def connect(
 
     The extra logical CPUs let the training workers reserve theirs while Ray Data still gets
     one per core, so data tasks can always be scheduled next to the workers.
-    ``import_ahead``: modules to load meanwhile (see :func:`import_in_background`).
-    ``dashboard``: start Ray's dashboard with a local Ray (default ``scaling.dashboard``)."""
+    ``import_ahead``: modules to load meanwhile (see :func:`import_in_background`)."""
     global _dashboard_url
     import ray
 
@@ -145,7 +143,10 @@ def connect(
         # Ray's "Started a local Ray instance" line: the run's header names the dashboard.
         logging_level=logging.INFO if verbose() else logging.WARNING,
         num_cpus=(os.cpu_count() or 1) + math.ceil(cpus_beyond_cores),
-        include_dashboard=cfg.scaling.dashboard if dashboard is None else dashboard,
+        # Kept although it costs a 2-core machine about 1.8 s before the first step: Ray Train's
+        # placement-group cleaner asks the State API, which the dashboard serves, every second,
+        # and without it warns each time.
+        include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         _system_config=RAY_SYSTEM_CONFIG,

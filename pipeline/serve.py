@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.detach and args.address == ray_cluster.LOCAL:
             raise ValueError("--detach: needs a running Ray cluster, not a private one")
-        # A server runs for long: a local one gets the dashboard (its replicas, its requests).
-        started_here = ray_cluster.connect(Config(), address=args.address, dashboard=True)
+        started_here = ray_cluster.connect(Config(), address=args.address)
         # ray.init puts its own SIGTERM handler in place (it aborts): SIGTERM is Ctrl-C again,
         # so the app is removed on the way out.
         signal.signal(signal.SIGTERM, _interrupt)

@@ -171,7 +171,7 @@ def train(
         plan = dataclasses.replace(plan, run_id=open_mlflow_run(plan, parent_run_id))
         experiment = tracking.client(cfg).get_run(plan.run_id).info.experiment_id
         joined = "" if started_here else ray.get_runtime_context().gcs_address
-        dashboard = ray_cluster.dashboard_url() or ("off (--dashboard)" if started_here else "")
+        dashboard = ray_cluster.dashboard_url()
         header = console.header(plan, experiment, use_gpu, storage.redact(joined), dashboard)
         print(header, flush=True)
         plan.mark("mlflow")
