@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,6 +76,7 @@ def ray_head():
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--metrics-export-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
@@ -83,7 +85,7 @@ def ray_head():
             address, f"http://127.0.0.1:{dash}", {**RAY_ENV, "RAY_ADDRESS": address}, temp
         )
     finally:
-        stop_cluster(temp)
+        stop_cluster(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -103,11 +105,15 @@ def _processes() -> dict[int, tuple[int, str]]:
     return out
 
 
-def stop_cluster(temp: str) -> None:
-    """Stop only the cluster started with ``temp``: the processes naming it and all their
-    descendants (agents and workers rename themselves, e.g. ``ray::DashboardAgent``)."""
+def stop_cluster(temp: str, gcs_port: int | None = None) -> None:
+    """Stop only the cluster started with ``temp``: the processes naming it, those naming its
+    GCS port (the Ray client server, which names neither the folder nor a parent still
+    running) and all their descendants (agents and workers rename themselves, e.g.
+    ``ray::DashboardAgent``)."""
     procs = _processes()
-    doomed = {pid for pid, (_, cmd) in procs.items() if temp in cmd}
+    names_gcs = re.compile(rf"--address=\S+:{gcs_port}(\s|$)") if gcs_port else None
+    doomed = {pid for pid, (_, cmd) in procs.items()
+              if temp in cmd or (names_gcs is not None and names_gcs.search(cmd))}  # fmt: skip
     grew = True
     while grew:
         children = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
