@@ -60,8 +60,12 @@ BIG_BATCH = 16
 # OpenMP's threads pinned, one to a core: none of them moves while the others wait for it.
 OMP_BIND = (("OMP_PROC_BIND", "close"), ("OMP_PLACES", "cores"))
 # glibc's malloc keeps freed memory for the next step instead of giving it back to the kernel
-# (mmap for each large buffer, then a page fault for each of its pages on the next use).
-MALLOC_KEEP = (("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20)), ("MALLOC_TRIM_THRESHOLD_", str(2**34)))
+# (mmap for each large buffer, then a page fault for each of its pages on the next use): the
+# values of worker.keep_freed_memory (not imported: it would load Ray here), set from the start.
+MALLOC_KEEP = (
+    ("MALLOC_MMAP_THRESHOLD_", str(32 << 20)),
+    ("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1)),
+)
 
 # fmt: off
 VARIANTS = {
