@@ -46,6 +46,9 @@ class SweepSettings:
     max_concurrent: int = 2
     grace_period: int = 2
     perturbation_interval: int = 2
+    synch: bool = False
+    """PBT: every trial waits at each perturbation point for the others (the same exploit
+    decisions on every run, however the trials' speeds differ)."""
 
 
 def parse_space(items: list[str], pbt: bool = False) -> dict:
@@ -220,6 +223,7 @@ def _scheduler(settings: SweepSettings, space: list[str]):
             perturbation_interval=settings.perturbation_interval,
             hyperparam_mutations={"params": parse_space(space, pbt=True)},
             quantile_fraction=0.5 if settings.num_samples <= 4 else 0.25,
+            synch=settings.synch,
         )
     return None
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and perturbs lr/loss weights (one process per trial)")  # fmt: skip
     p.add_argument("--perturbation-interval", type=int, default=2,
                    help="PBT: reports (checkpoints) between exploit/explore steps")  # fmt: skip
+    p.add_argument("--synch", action="store_true",
+                   help="PBT: trials wait for each other at every perturbation point, so the "
+                   "copies do not depend on which trial runs faster")  # fmt: skip
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: reports before a stop")
     p.add_argument("--metric", default="eval/class_iou", help="reported metric to optimise")
     p.add_argument("--mode", choices=("max", "min"), default="max")
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.api import tune_from_args
         from pipeline.search import SweepSettings
 
+        if args.synch and args.scheduler != "pbt":
+            raise ValueError("--synch is a setting of --scheduler pbt")
         started = time.time()
         settings = SweepSettings(
             space=tuple(args.space),
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent=args.max_concurrent,
             grace_period=args.grace_period,
             perturbation_interval=args.perturbation_interval,
+            synch=args.synch,
         )
         summary = tune_from_args(args, settings)
         print(summary["table"])

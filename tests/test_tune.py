@@ -160,9 +160,10 @@ def _check_asha_sweep(client, kids, tmp_path, res):
 
 @pytest.mark.integration
 def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
-    # lr 1e-12 freezes a trial where it starts; PBT must copy the learning one into it.
-    args = [*TINY, "--data", scenes, "--max-steps", "40", "--set", "train.checkpoint_every=4",
-            "--scheduler", "pbt", "--perturbation-interval", "2", "--num-samples", "1",
+    # lr 1e-12 freezes a trial where it starts; PBT must copy the learning one into it. With
+    # --synch the copy happens at step 16 (the fourth report) whichever trial started first.
+    args = [*TINY, "--data", scenes, "--max-steps", "32", "--set", "train.checkpoint_every=4",
+            "--scheduler", "pbt", "--perturbation-interval", "4", "--synch", "--num-samples", "1",
             "--space", "optim.lr=grid:1e-12,2e-3", "--metric", "loss/cycle_A", "--mode", "min",
             "--name", "pbt"]  # fmt: skip
     res = tune_cli(args, tmp_path, ray_head.env)
@@ -172,11 +173,11 @@ def test_pbt_copies_the_better_trial_into_the_worse(ray_head, scenes, tmp_path):
     assert len(kids) == 2  # a restarted trial continues in its own child run
     for kid in kids:
         history = client.get_metric_history(kid.info.run_id, "loss/cycle_A")
-        assert max(m.step for m in history) == 40
+        assert max(m.step for m in history) == 32
     frozen = next(k for k in kids if float(k.data.params["optim.lr"]) < 1e-9)
     history = client.get_metric_history(frozen.info.run_id, "loss/cycle_A")
     early = [m.value for m in history if m.step <= 8]
-    late = [m.value for m in history if m.step >= 30]
+    late = [m.value for m in history if m.step >= 24]
     assert sum(late) / len(late) < sum(early) / len(early)  # it learned after the copy
     sweep_dir = tmp_path / "checkpoints" / "tune" / "pbt"
     assert (sweep_dir / "best_config.yaml").exists()
@@ -188,6 +189,8 @@ def test_pbt_refuses_values_that_cannot_change_mid_run(scenes, tune_main):
     assert code == 2 and "loss.pool_size cannot do" in err
     code, err = tune_main("--data", scenes, "--scheduler", "pbt", "--num-workers", "2")
     assert code == 2 and "use --num-workers 1" in err
+    code, err = tune_main("--data", scenes, "--synch")
+    assert code == 2 and "--synch is a setting of --scheduler pbt" in err
 
 
 @pytest.mark.integration
