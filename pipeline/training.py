@@ -9,7 +9,7 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from pipeline import console, ray_cluster, runs, storage
+from pipeline import console, cpu_priority, ray_cluster, runs, storage
 from pipeline.plan import RunPlan, public_config
 
 
@@ -178,7 +178,9 @@ def train(
         try:
             trainer = build_trainer(plan, use_gpu, callbacks)
             plan.mark("fit")
-            result = trainer.fit()
+            idle = started_here and cfg.scaling.idle_helpers
+            with cpu_priority.helpers_idle(idle, cfg.scaling.num_workers):
+                result = trainer.fit()
             checkpoint, step = final_checkpoint(plan, result)
             if checkpoint is not None and cfg.tracking.log_model:
                 tracking.log_generators(cfg, plan.run_id, checkpoint)

@@ -35,7 +35,7 @@ from cyclegan.train_step import (
     translate_cycle,
 )
 from cyclegan.transforms import image_grid, to_input
-from pipeline import checkpoints, console, storage
+from pipeline import checkpoints, console, cpu_priority, storage
 from pipeline.config import Config
 from pipeline.data import UnpairedBatches, load_samples
 from pipeline.images import label_rows
@@ -435,6 +435,7 @@ def train_loop(loop_config: dict, runtime: TrainRuntime | TuneRuntime | None = N
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(plan.threads_per_worker)
     keep_freed_memory()
+    cpu_priority.ensure_normal()
 
     # The data first: Ray Data starts reading while the nets are built.
     found = find_checkpoint(runtime, plan, device)

@@ -25,7 +25,7 @@ SETTINGS = {
 make every stolen core show), the demo preset, and paper128."""
 
 
-def _config(name: str, data: str, home: str, steps: int):
+def _config(name: str, data: str, home: str, steps: int, idle_helpers: bool = True):
     from pipeline import config as C
 
     preset, changes, _, _, _ = SETTINGS[name]
@@ -35,7 +35,7 @@ def _config(name: str, data: str, home: str, steps: int):
         "data": {"uri": data},
         "train": {"max_steps": steps, "log_every": max(1, steps // 8), "sample_every": steps,
                   "checkpoint_every": steps},
-        "scaling": {"num_workers": 1, "max_failures": 0},
+        "scaling": {"num_workers": 1, "max_failures": 0, "idle_helpers": idle_helpers},
         "storage": {"uri": os.path.join(home, "checkpoints"), "name": f"overhead-{name}-{stamp}"},
         "tracking": {"uri": "sqlite:///" + os.path.join(home, "mlflow.db"),
                      "experiment": "bench-overhead", "system_metrics": False, "log_model": False},
@@ -64,10 +64,45 @@ def _bare_step(cfg_dict: dict, threads: int, steps: int, warmup: int) -> dict:
     return {"images_per_s": summarize(rates), "precision": "bf16" if bf16 else "fp32"}
 
 
+def _measure(name: str, cfg, images: int, idle_helpers: bool, home: str) -> dict:
+    """The bare step before and after one real run of ``cfg``, and the run's images/s."""
+    from pipeline.bench.train import _train_process
+    from pipeline.plan import resolve
+
+    threads = resolve(cfg).threads_per_worker
+    # The bare step before and after the run: a shared machine's speed drifts.
+    bare_steps = min(40, cfg.train.max_steps)
+    before = in_fresh_process(_bare_step, cfg.to_dict(), threads, bare_steps, 3)
+    run = in_fresh_process(_train_process, cfg.to_dict(), home)
+    after = in_fresh_process(_bare_step, cfg.to_dict(), threads, bare_steps, 3)
+    samples = before["images_per_s"]["samples"] + after["images_per_s"]["samples"]
+    bare = {"images_per_s": summarize(samples), "precision": before["precision"]}
+    rate = [v for _, v in run["metrics"]["throughput/images_per_s"][1:]]
+    wait = [v for _, v in run["metrics"]["data/wait_fraction"][1:]]
+    row = {
+        "setting": name,
+        "idle_helpers": idle_helpers,
+        "crop_size": cfg.data.crop_size,
+        "images_per_domain": images,
+        "steps": cfg.train.max_steps,
+        "threads": threads,
+        "precision": bare["precision"],
+        "bare_images_per_s": bare["images_per_s"],
+        "run_images_per_s": summarize(rate) if rate else None,
+        "data_wait_fraction": summarize(wait) if wait else None,
+        "run_wall_s": run["wall_s"],
+    }
+    bare_median = bare["images_per_s"]["median"]
+    row["ratio"] = statistics.median(rate) / bare_median if rate else None
+    print(f"[bench] {name} (idle helpers {'on' if idle_helpers else 'off'}): bare step "
+          f"{bare_median:.2f} images/s, run {statistics.median(rate) if rate else float('nan'):.2f}, "
+          f"ratio {row['ratio'] or float('nan'):.2f}", flush=True)  # fmt: skip
+    return row
+
+
 def bench_overhead(args: argparse.Namespace) -> dict:
     from pipeline import config as C
-    from pipeline.bench.train import _is_dataset, _train_process
-    from pipeline.plan import resolve
+    from pipeline.bench.train import _is_dataset
     from pipeline.scenes import write_scenes
 
     home = args.home or os.path.join(C.home(), "bench")
@@ -80,48 +115,25 @@ def bench_overhead(args: argparse.Namespace) -> dict:
         if not _is_dataset(data):
             print(f"[bench] writing {images}+{images} built-in scenes of {side} px", flush=True)
             write_scenes(data, size=side, train_a=images, train_b=images, test=8, overwrite=True)
-        cfg = _config(name, data, home, args.steps or steps)
-        threads = resolve(cfg).threads_per_worker
-        # The bare step before and after the run: a shared machine's speed drifts.
-        bare_steps = min(40, cfg.train.max_steps)
-        before = in_fresh_process(_bare_step, cfg.to_dict(), threads, bare_steps, 3)
-        run = in_fresh_process(_train_process, cfg.to_dict(), home)
-        after = in_fresh_process(_bare_step, cfg.to_dict(), threads, bare_steps, 3)
-        samples = before["images_per_s"]["samples"] + after["images_per_s"]["samples"]
-        bare = {"images_per_s": summarize(samples), "precision": before["precision"]}
-        rate = [v for _, v in run["metrics"]["throughput/images_per_s"][1:]]
-        wait = [v for _, v in run["metrics"]["data/wait_fraction"][1:]]
-        row = {
-            "setting": name,
-            "crop_size": cfg.data.crop_size,
-            "images_per_domain": images,
-            "steps": cfg.train.max_steps,
-            "threads": threads,
-            "precision": bare["precision"],
-            "bare_images_per_s": bare["images_per_s"],
-            "run_images_per_s": summarize(rate) if rate else None,
-            "data_wait_fraction": summarize(wait) if wait else None,
-            "run_wall_s": run["wall_s"],
-        }
-        bare_median = bare["images_per_s"]["median"]
-        row["ratio"] = statistics.median(rate) / bare_median if rate else None
-        rows.append(row)
-        print(f"[bench] {name}: bare step {bare_median:.2f} images/s, run "
-              f"{statistics.median(rate) if rate else float('nan'):.2f}, ratio "
-              f"{row['ratio'] or float('nan'):.2f}", flush=True)  # fmt: skip
+        modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.idle_helpers]
+        for idle_helpers in modes:
+            cfg = _config(name, data, home, args.steps or steps, idle_helpers)
+            rows.append(_measure(name, cfg, images, idle_helpers, home))
     return {"command": "overhead", "home": home, "rows": rows}
 
 
 def print_overhead(res: dict) -> None:
-    print(f"\n{'setting':<10}{'crop':>5}{'images':>8}{'prec':>6}{'threads':>8}"
+    print(f"\n{'setting':<10}{'idle':>5}{'crop':>5}{'images':>8}{'prec':>6}{'threads':>8}"
           f"{'bare img/s':>11}{'run img/s':>10}{'ratio':>7}{'wait':>7}")  # fmt: skip
     for r in res["rows"]:
         run = r["run_images_per_s"]["median"] if r["run_images_per_s"] else float("nan")
         wait = 100 * r["data_wait_fraction"]["median"] if r["data_wait_fraction"] else float("nan")
-        print(f"{r['setting']:<10}{r['crop_size']:>5}{r['images_per_domain']:>8}"
+        idle = "on" if r.get("idle_helpers", True) else "off"
+        print(f"{r['setting']:<10}{idle:>5}{r['crop_size']:>5}{r['images_per_domain']:>8}"
               f"{r['precision']:>6}{r['threads']:>8}{r['bare_images_per_s']['median']:>11.2f}"
               f"{run:>10.2f}{r['ratio'] or float('nan'):>7.2f}{wait:>6.1f}%")  # fmt: skip
-    print("ratio: the run's images/s (median of its logged intervals, the first left out) over "
+    print("idle: scaling.idle_helpers (Ray's own processes at idle CPU priority); "
+          "ratio: the run's images/s (median of its logged intervals, the first left out) over "
           "the bare step's (median of 5 rounds before the run and 5 after); 1 worker, batch 1")  # fmt: skip
 
 
@@ -130,5 +142,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma-separated, of {', '.join(SETTINGS)} (default all)")  # fmt: skip
     p.add_argument("--steps", type=int, help="steps of each run (default per setting)")
+    p.add_argument("--idle-helpers", choices=("on", "off", "both"), default="on",
+                   help="Ray's own processes at idle CPU priority (scaling.idle_helpers); both: "
+                   "a run without, then one with, side by side")  # fmt: skip
     p.add_argument("--home", help="runs, MLflow store (default $CYCLEGAN_HOME/bench)")
     return p
