@@ -12,9 +12,12 @@ not either. A ``SCHED_IDLE`` thread never preempts a normal one and runs wheneve
 free, which on a training machine is whenever the step waits: data tasks still decode, and the
 cluster's heartbeats still answer.
 
-What stays at normal priority: the training workers (Ray Train's ``RayTrainWorker`` actors) and
-the raylet, which starts every new worker process (a process inherits its parent's class, and
-an unprivileged process cannot leave the idle class again). Nothing is touched before all the
+What stays at normal priority: the training workers (Ray Train's ``RayTrainWorker`` actors),
+and for a user who cannot leave the idle class again (no root, no RLIMIT_NICE) the raylet, which
+starts every new worker process (a process inherits its parent's class), and the driver's
+threads. Where the user can, those go idle too (measured at 32 px, ratio of the bare step:
+0.71 and 0.69 against 0.61 and 0.56 with them at normal priority, alternated): the training
+worker's step thread then moves itself back. Nothing is touched before all the
 training workers run, since Ray may start one in a pooled worker process. A training worker
 restarted after a failure into a pooled process made idle meanwhile asks for the normal class
 back; where Linux refuses (an unprivileged user without RLIMIT_NICE), it says so and trains at
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import threading
 from collections.abc import Iterator
 
@@ -103,7 +107,7 @@ def make_idle(pid: int) -> int:
     return changed
 
 
-def sweep(root: int, workers: int = 1) -> int:
+def sweep(root: int, workers: int = 1, full: bool = False) -> int:
     """One pass: the descendants of ``root`` that do not keep normal priority go idle; the
     processes a training worker starts itself (e.g. ``torch.compile``'s) are left alone.
 
@@ -112,7 +116,25 @@ def sweep(root: int, workers: int = 1) -> int:
     found = descendants(root, prune=_training)
     if sum(map(_training, found)) < workers:
         return 0
-    return sum(make_idle(pid) for pid in found if not keeps_normal(pid))
+    keep = _training if full else keeps_normal
+    return sum(make_idle(pid) for pid in found if not keep(pid))
+
+
+def can_leave_idle() -> bool:
+    """Whether this user may move a thread out of the idle class again (root, or an
+    RLIMIT_NICE that allows nice 0): then the raylet and the driver's threads go idle too."""
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
+def _own_threads_idle() -> list[int]:
+    """This process's threads but the main one go idle; returns those changed."""
+    main, changed = threading.main_thread().native_id, []
+    for tid in map(int, os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):
+            if tid != main and os.sched_getscheduler(tid) != os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                changed.append(tid)
+    return changed
 
 
 @contextlib.contextmanager
@@ -124,14 +146,17 @@ def helpers_idle(enabled: bool = True, workers: int = 1, root: int | None = None
         yield
         return
     root = os.getpid() if root is None else root
+    full = can_leave_idle()
     stop = threading.Event()
+    own: set[int] = set()
 
     def loop() -> None:
         with contextlib.suppress(OSError):  # tid 0: this thread only
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while True:
             try:
-                sweep(root, workers)
+                if sweep(root, workers, full) and full and root == os.getpid():
+                    own.update(_own_threads_idle())
             except Exception:  # never let a pass end the run
                 log.debug("cpu priority sweep failed", exc_info=True)
             if stop.wait(SWEEP_S):
@@ -144,6 +169,9 @@ def helpers_idle(enabled: bool = True, workers: int = 1, root: int | None = None
     finally:
         stop.set()
         thread.join(timeout=5)
+        for tid in own:  # the caller's threads (its own, perhaps) get their class back
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 def ensure_normal() -> bool:
