@@ -25,7 +25,7 @@ SETTINGS = {
 make every stolen core show), the demo preset, and paper128."""
 
 
-def _config(name: str, data: str, home: str, steps: int, idle_helpers: bool = True):
+def _config(name: str, data: str, home: str, steps: int, idle_helpers: bool):
     from pipeline import config as C
 
     preset, changes, _, _, _ = SETTINGS[name]
@@ -128,7 +128,7 @@ def print_overhead(res: dict) -> None:
     for r in res["rows"]:
         run = r["run_images_per_s"]["median"] if r["run_images_per_s"] else float("nan")
         wait = 100 * r["data_wait_fraction"]["median"] if r["data_wait_fraction"] else float("nan")
-        idle = "on" if r.get("idle_helpers", True) else "off"
+        idle = "on" if r.get("idle_helpers") else "off"
         print(f"{r['setting']:<10}{idle:>5}{r['crop_size']:>5}{r['images_per_domain']:>8}"
               f"{r['precision']:>6}{r['threads']:>8}{r['bare_images_per_s']['median']:>11.2f}"
               f"{run:>10.2f}{r['ratio'] or float('nan'):>7.2f}{wait:>6.1f}%")  # fmt: skip
