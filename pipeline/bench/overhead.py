@@ -47,8 +47,9 @@ def _bare_step(cfg_dict: dict, threads: int, steps: int, warmup: int) -> dict:
     import torch
 
     from pipeline import config as C
+    from pipeline.allocator import keep_freed_memory
     from pipeline.bench.step import VARIANTS, StepRunner
-    from pipeline.worker import autocast_dtype, keep_freed_memory
+    from pipeline.worker import autocast_dtype
 
     torch.set_num_threads(threads)
     keep_freed_memory()

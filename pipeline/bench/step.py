@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import config as C
+from pipeline.allocator import MALLOC_KEEP_ENV
 from pipeline.bench.common import (
     cpu_busy_seconds,
     gpu_peak_tflops,
@@ -59,13 +60,6 @@ BIG_BATCH = 16
 
 # OpenMP's threads pinned, one to a core: none of them moves while the others wait for it.
 OMP_BIND = (("OMP_PROC_BIND", "close"), ("OMP_PLACES", "cores"))
-# glibc's malloc keeps freed memory for the next step instead of giving it back to the kernel
-# (mmap for each large buffer, then a page fault for each of its pages on the next use): the
-# values of worker.keep_freed_memory (not imported: it would load Ray here), set from the start.
-MALLOC_KEEP = (
-    ("MALLOC_MMAP_THRESHOLD_", str(32 << 20)),
-    ("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1)),
-)
 
 # fmt: off
 VARIANTS = {
@@ -77,7 +71,7 @@ VARIANTS = {
         # machine would want, at the cost of a wake-up at every barrier.
         Variant("fp32_omp_passive", env=(("OMP_WAIT_POLICY", "PASSIVE"),)),
         Variant("fp32_omp_bind", env=OMP_BIND),
-        Variant("fp32_malloc_keep", env=MALLOC_KEEP),
+        Variant("fp32_malloc_keep", env=MALLOC_KEEP_ENV),
         Variant("bf16", bf16=True),
         Variant("channels_last", channels_last=True),
         Variant("bf16_channels_last", bf16=True, channels_last=True),
