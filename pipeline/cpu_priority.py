@@ -38,6 +38,8 @@ import resource
 import threading
 from collections.abc import Iterator
 
+import psutil  # Ray's own dependency
+
 log = logging.getLogger(__name__)
 
 KEEP_NORMAL = ("ray::RayTrainWorker", "raylet")
@@ -50,23 +52,13 @@ SWEEP_S = 2.0
 SUPPORTED = hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")
 
 
-def _parent(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name is in parentheses and may hold spaces; the parent's pid follows the state.
-    return int(stat[stat.rfind(")") + 2 :].split()[1])
-
-
 def descendants(root: int, prune=lambda pid: False) -> list[int]:
     """Every living descendant of process ``root`` (children, their children, ...), without
     the descendants of a process for which ``prune`` is true."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (parent := _parent(entry)) is not None:
-            children.setdefault(parent, []).append(int(entry))
+    for proc in psutil.process_iter(["ppid"]):
+        if proc.info["ppid"] is not None:
+            children.setdefault(proc.info["ppid"], []).append(proc.pid)
     found, todo = [], list(children.get(root, ()))
     while todo:
         pid = todo.pop()
@@ -77,12 +69,12 @@ def descendants(root: int, prune=lambda pid: False) -> list[int]:
 
 
 def _title(pid: int) -> str:
+    """Ray's process title (``ray::CLASS``), or the name of the process's program."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            first = f.read().split(b"\0", 1)[0].decode(errors="replace")
-    except OSError:
+        first = psutil.Process(pid).cmdline()[:1]
+    except (psutil.Error, IndexError):
         return ""
-    return first.rsplit("/", 1)[-1] if first.startswith("/") else first
+    return first[0].rsplit("/", 1)[-1] if first and first[0].startswith("/") else "".join(first)
 
 
 def keeps_normal(pid: int) -> bool:

@@ -143,9 +143,8 @@ def connect(
         # Ray's "Started a local Ray instance" line: the run's header names the dashboard.
         logging_level=logging.INFO if verbose() else logging.WARNING,
         num_cpus=(os.cpu_count() or 1) + math.ceil(cpus_beyond_cores),
-        # Kept although it costs a 2-core machine about 1.8 s before the first step: Ray Train's
-        # placement-group cleaner asks the State API, which the dashboard serves, every second,
-        # and without it warns each time.
+        # Kept although it costs a 2-core machine about 1.8 s before the first step: the run's
+        # header links it (Ray Train's and Ray Data's views of the run, the workers' logs).
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
