@@ -162,12 +162,10 @@ class ScalingConfig:
     workers on those nodes."""
     address: str = ""
     """Ray cluster address (empty: $RAY_ADDRESS, else a local Ray started in-process)."""
-    idle_helpers: bool = False
+    idle_helpers: bool = True
     """On a Ray the run starts for itself, put Ray's own processes (services, helper actors,
     data tasks) in Linux's idle scheduling class, so they never preempt the training step
-    (see ``pipeline.cpu_priority``); no effect on a cluster the run joins. Off by default: with
-    the dashboard idle, Ray Train's placement-group cleaner now and then fails to reach the
-    State API and warns."""
+    (see ``pipeline.cpu_priority``); no effect on a cluster the run joins."""
     placement_timeout_s: float = 300.0
     """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need
     (0 to 604800 s, a week)."""

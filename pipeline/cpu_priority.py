@@ -1,7 +1,8 @@
 """On a Ray that a run starts for itself, Ray's own processes yield the CPU to the training
-workers: every few seconds they are put in Linux's idle scheduling class (``SCHED_IDLE``).
-Opt-in (``scaling.idle_helpers``): with the dashboard and the GCS idle, Ray Train's
-placement-group cleaner now and then fails to reach the State API and warns.
+workers: every few seconds they are put in Linux's idle scheduling class (``SCHED_IDLE``)
+(``scaling.idle_helpers``, on by default). Nothing on such a Ray waits on a deadline for its
+services: the one that did, Ray Train's placement-group cleaner, is not started there (see
+``training.trainer_class``).
 
 Why: a private Ray on a small machine runs 20-30 processes beside the training worker (its
 services, the dashboard, Ray Train's and Ray Data's helper actors, pooled workers), and each of

@@ -99,8 +99,7 @@ def test_a_private_ray_yields_to_the_training_worker_during_a_run(scenes, tmp_pa
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "disabled"  # as `make train` runs (else Ray notes its token auth)
     args = ["--preset", "tiny", "--data", scenes, "--address", "local", "--max-steps", "300",
-            "--set", "train.checkpoint_every=300", "--set", "train.log_every=50",
-            "--set", "scaling.idle_helpers=true"]  # fmt: skip
+            "--set", "train.checkpoint_every=300", "--set", "train.log_every=50"]  # fmt: skip
     run = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
