@@ -162,10 +162,12 @@ class ScalingConfig:
     workers on those nodes."""
     address: str = ""
     """Ray cluster address (empty: $RAY_ADDRESS, else a local Ray started in-process)."""
-    idle_helpers: bool = True
+    idle_helpers: bool = False
     """On a Ray the run starts for itself, put Ray's own processes (services, helper actors,
     data tasks) in Linux's idle scheduling class, so they never preempt the training step
-    (see ``pipeline.cpu_priority``); no effect on a cluster the run joins."""
+    (see ``pipeline.cpu_priority``); no effect on a cluster the run joins. Off by default: its
+    gain on 2 cores is within this machine's noise once the raylet stays at normal priority,
+    and idle-class workers have crashed on their way out (see ``cpu_priority``)."""
     placement_timeout_s: float = 300.0
     """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need
     (0 to 604800 s, a week)."""

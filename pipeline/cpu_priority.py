@@ -1,6 +1,6 @@
 """On a Ray that a run starts for itself, Ray's own processes yield the CPU to the training
 workers: every few seconds they are put in Linux's idle scheduling class (``SCHED_IDLE``)
-(``scaling.idle_helpers``, on by default). Nothing on such a Ray waits on a deadline for its
+(``scaling.idle_helpers``, off by default). Nothing on such a Ray waits on a deadline for its
 services: the one that did, Ray Train's placement-group cleaner, is not started there (see
 ``training.trainer_class``).
 
@@ -16,12 +16,13 @@ free, which on a training machine is whenever the step waits: data tasks still d
 cluster's heartbeats still answer.
 
 What stays at normal priority: the training workers (Ray Train's ``RayTrainWorker`` actors),
-and for a user who cannot leave the idle class again (no root, no RLIMIT_NICE) the raylet, which
-starts every new worker process (a process inherits its parent's class), and the driver's
-threads. Where the user can, those go idle too (measured at 32 px, ratio of the bare step:
-0.71 and 0.69 against 0.61 and 0.56 with them at normal priority, alternated): the training
-worker's step thread then moves itself back. Nothing is touched before all the
-training workers run, since Ray may start one in a pooled worker process. A training worker
+and the raylet, which starts every new worker process (a process inherits its parent's class:
+born idle, a new worker's seconds of imports wait behind the step, and Ray starts yet more
+workers meanwhile). Where the user may leave the idle class again (root, RLIMIT_NICE), the
+driver's threads but its main one go idle too, and get their class back after the run.
+Nothing is touched before all the training workers run, since Ray may start one in a pooled
+worker process; a raylet ending an idle-class worker mid-run can crash it on its way out, so
+such a Ray keeps its idle workers (``ray_cluster.IDLE_CLASS_WORKER_KEEP_MS``). A training worker
 restarted after a failure into a pooled process made idle meanwhile asks for the normal class
 back; where Linux refuses (an unprivileged user without RLIMIT_NICE), it says so and trains at
 idle priority beside idle neighbours.
@@ -102,7 +103,7 @@ def make_idle(pid: int) -> int:
     return changed
 
 
-def sweep(root: int, workers: int = 1, full: bool = False) -> int:
+def sweep(root: int, workers: int = 1) -> int:
     """One pass: the descendants of ``root`` that do not keep normal priority go idle; the
     processes a training worker starts itself (e.g. ``torch.compile``'s) are left alone.
 
@@ -111,13 +112,12 @@ def sweep(root: int, workers: int = 1, full: bool = False) -> int:
     found = descendants(root, prune=_training)
     if sum(map(_training, found)) < workers:
         return 0
-    keep = _training if full else keeps_normal
-    return sum(make_idle(pid) for pid in found if not keep(pid))
+    return sum(make_idle(pid) for pid in found if not keeps_normal(pid))
 
 
 def can_leave_idle() -> bool:
     """Whether this user may move a thread out of the idle class again (root, or an
-    RLIMIT_NICE that allows nice 0): then the raylet and the driver's threads go idle too."""
+    RLIMIT_NICE that allows nice 0): then the driver's threads go idle too."""
     return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
 
 
@@ -150,7 +150,7 @@ def helpers_idle(enabled: bool = True, workers: int = 1, root: int | None = None
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while True:
             try:
-                if sweep(root, workers, full) and full and root == os.getpid():
+                if sweep(root, workers) and full and root == os.getpid():
                     own.update(_own_threads_idle())
             except Exception:  # never let a pass end the run
                 log.debug("cpu priority sweep failed", exc_info=True)

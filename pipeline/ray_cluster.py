@@ -50,6 +50,22 @@ RAY_SYSTEM_CONFIG = {
     "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS,
     "worker_niceness": WORKER_NICENESS,
 }
+IDLE_CLASS_WORKER_KEEP_MS = 7 * 24 * 3600 * 1000
+"""How long an idle worker process is kept where Ray's processes go to the idle CPU class
+(``scaling.idle_helpers``): a week, i.e. the run's whole length. An idle-class worker that the
+raylet ends while the step keeps both cores busy may crash on its way out (Ray's own threads,
+starved mid-exit, trip its lock checks: seen as SIGABRT "Mutex corrupt" exactly 60 s after a
+data worker went idle); kept, it costs a little memory and no CPU that the step would use."""
+
+
+def system_config(cfg: Config) -> dict:
+    """Ray's settings for a local Ray started for ``cfg``'s run."""
+    if cfg.scaling.idle_helpers:
+        return {
+            **RAY_SYSTEM_CONFIG,
+            "idle_worker_killing_time_threshold_ms": IDLE_CLASS_WORKER_KEEP_MS,
+        }
+    return RAY_SYSTEM_CONFIG
 
 
 LOCAL = "local"
@@ -148,7 +164,7 @@ def connect(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
-        _system_config=RAY_SYSTEM_CONFIG,
+        _system_config=system_config(cfg),
     )
     _dashboard_url = context.dashboard_url or ""
     return True

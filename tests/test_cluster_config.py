@@ -224,3 +224,15 @@ def test_every_node_runs_workers_at_the_projects_niceness(config):
         start = next(c for c in config[key] if "ray start" in c)
         match = re.search(r"RAY_worker_niceness=(\d+)\s", start)
         assert match and int(match.group(1)) == WORKER_NICENESS, key
+
+
+def test_a_private_ray_with_idle_helpers_ends_no_idle_worker_during_the_run():
+    from pipeline import config as C
+    from pipeline.ray_cluster import IDLE_WORKER_KEEP_MS, system_config
+
+    key = "idle_worker_killing_time_threshold_ms"
+    idle = C.merge(C.preset("tiny"), {"scaling": {"idle_helpers": True}})
+    normal = C.merge(C.preset("tiny"), {"scaling": {"idle_helpers": False}})
+    assert system_config(idle)[key] >= 7 * 24 * 3600 * 1000  # a week: the run's whole length
+    assert system_config(normal)[key] == IDLE_WORKER_KEEP_MS
+    assert system_config(idle)["worker_niceness"] == system_config(normal)["worker_niceness"]

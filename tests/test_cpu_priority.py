@@ -75,9 +75,6 @@ def test_a_sweep_idles_ray_helpers_but_not_training_workers_or_the_raylet():
         assert _policies(named["sleep"]) == {NORMAL}  # the training worker's own child
         assert _policies(named["raylet"]) == {NORMAL}  # it starts new workers: they inherit
         assert cpu_priority.sweep(root.pid) == 0  # nothing left to change
-        assert cpu_priority.sweep(root.pid, full=True) >= 1  # where idle can be left again
-        assert _policies(named["raylet"]) == {IDLE}
-        assert _policies(named["ray::RayTrainWorker"] + named["sleep"]) == {NORMAL}
     finally:
         _end(root)
 
@@ -99,7 +96,8 @@ def test_a_private_ray_yields_to_the_training_worker_during_a_run(scenes, tmp_pa
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "disabled"  # as `make train` runs (else Ray notes its token auth)
     args = ["--preset", "tiny", "--data", scenes, "--address", "local", "--max-steps", "300",
-            "--set", "train.checkpoint_every=300", "--set", "train.log_every=50"]  # fmt: skip
+            "--set", "train.checkpoint_every=300", "--set", "train.log_every=50",
+            "--set", "scaling.idle_helpers=true"]  # fmt: skip
     run = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -126,11 +124,14 @@ def test_a_private_ray_yields_to_the_training_worker_during_a_run(scenes, tmp_pa
         if run.poll() is None:
             run.kill()
     assert run.returncode == 0, out[-3000:]
-    full = cpu_priority.can_leave_idle()  # the raylet goes idle only where it can come back
-    assert seen_idle == {"gcs_server", "ray::_StatsActor", *(["raylet"] if full else [])}, out
+    assert seen_idle == {"gcs_server", "ray::_StatsActor"}, out
     assert "runs at idle CPU priority" not in out
     assert worker_policies == {NORMAL}
     # A private Ray ends with the run: no placement-group cleaner polling the State API
     # (through the dashboard and the GCS, idle here) every second, and no warning from Ray.
     assert "ray::PlacementGroupCleaner" not in seen, sorted(seen)
-    assert [line for line in out.splitlines() if "WARN" in line.upper()] == [], out
+    # (The raylet's note that it started 4 times as many workers as the node has cores, on a
+    # 2-core machine, comes with or without idle helpers: not counted.)
+    warned = [line for line in out.splitlines() if "WARN" in line.upper()]
+    assert [line for line in warned if "maximum expected startup" not in line] == [], out
+    assert "SIGABRT" not in out and "Fatal Python error" not in out, out

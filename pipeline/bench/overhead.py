@@ -143,7 +143,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma-separated, of {', '.join(SETTINGS)} (default all)")  # fmt: skip
     p.add_argument("--steps", type=int, help="steps of each run (default per setting)")
-    p.add_argument("--idle-helpers", choices=("on", "off", "both"), default="on",
+    p.add_argument("--idle-helpers", choices=("on", "off", "both"), default="off",
                    help="Ray's own processes at idle CPU priority (scaling.idle_helpers); both: "
                    "a run without, then one with, side by side")  # fmt: skip
     p.add_argument("--home", help="runs, MLflow store (default $CYCLEGAN_HOME/bench)")
