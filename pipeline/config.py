@@ -165,9 +165,9 @@ class ScalingConfig:
     idle_helpers: bool = False
     """On a Ray the run starts for itself, put Ray's own processes (services, helper actors,
     data tasks) in Linux's idle scheduling class, so they never preempt the training step
-    (see ``pipeline.cpu_priority``); no effect on a cluster the run joins. Off by default: its
-    gain on 2 cores is within this machine's noise once the raylet stays at normal priority,
-    and idle-class workers have crashed on their way out (see ``cpu_priority``)."""
+    (see ``pipeline.cpu_priority``); no effect on a cluster the run joins. Off by default:
+    measured on 2 cores at 32 px, its gain with the raylet at normal priority was within the
+    machine's noise (with the raylet idle too it was larger, but new workers were born idle)."""
     placement_timeout_s: float = 300.0
     """On a remote cluster, how long to wait for an autoscaler to add the nodes workers need
     (0 to 604800 s, a week)."""

@@ -73,10 +73,10 @@ def descendants(root: int, prune=lambda pid: False) -> list[int]:
 def _title(pid: int) -> str:
     """Ray's process title (``ray::CLASS``), or the name of the process's program."""
     try:
-        first = psutil.Process(pid).cmdline()[:1]
-    except (psutil.Error, IndexError):
+        first = next(iter(psutil.Process(pid).cmdline()), "")
+    except psutil.Error:
         return ""
-    return first[0].rsplit("/", 1)[-1] if first and first[0].startswith("/") else "".join(first)
+    return first.rsplit("/", 1)[-1] if first.startswith("/") else first
 
 
 def keeps_normal(pid: int) -> bool:
