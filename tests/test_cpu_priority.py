@@ -48,11 +48,15 @@ def _named(root: int) -> dict[str, list[int]]:
 
 
 def _policies(pids) -> set[int]:
-    return {
-        os.sched_getscheduler(tid)
-        for pid in pids
-        for tid in map(int, os.listdir(f"/proc/{pid}/task"))
-    }
+    """The scheduling classes of the threads of ``pids``; a thread or process that ends between
+    the listing and the look (a live Ray starts and ends threads all the time) is skipped."""
+    policies = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+                with contextlib.suppress(OSError):
+                    policies.add(os.sched_getscheduler(tid))
+    return policies
 
 
 def _end(root: subprocess.Popen) -> None:
@@ -110,12 +114,9 @@ def test_a_private_ray_yields_to_the_training_worker_during_a_run(scenes, tmp_pa
             named = _named(run.pid)
             seen |= set(named)
             for title, pids in named.items():
-                try:
-                    policies = _policies(pids)
-                except FileNotFoundError:
-                    continue  # ended between the listing and the look
+                policies = _policies(pids)
                 if title.startswith("ray::RayTrainWorker"):
-                    worker_policies |= {os.sched_getscheduler(pid) for pid in pids}
+                    worker_policies |= _policies(pids)
                 elif title in ("gcs_server", "ray::_StatsActor", "raylet") and policies == {IDLE}:
                     seen_idle.add(title)
             time.sleep(0.3)
