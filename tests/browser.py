@@ -71,5 +71,18 @@ def wait_until(driver, condition: Callable, seconds: float, what: str):
     raise AssertionError(f"waited {seconds:g} s for {what} ({last_error or 'not there'})")
 
 
+def act_when(driver, find: Callable, action: Callable, seconds: float, what: str) -> None:
+    """Wait for the first element ``find(driver)`` returns and do ``action`` on it, again if
+    the page re-rendered it meanwhile (a stale element, or one covered for a moment)."""
+
+    def done(d) -> bool:
+        found = find(d)
+        if found:
+            action(found[0])
+        return bool(found)
+
+    wait_until(driver, done, seconds, what)
+
+
 def body_text(driver) -> str:
     return driver.find_element("tag name", "body").text

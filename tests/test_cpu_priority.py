@@ -33,9 +33,14 @@ def _tree(with_training_worker: bool) -> subprocess.Popen:
     )
     script = f"{training}(exec -a ray::IDLE sleep 60) & (exec -a /opt/ray/raylet sleep 60) & wait"
     root = subprocess.Popen(["bash", "-c", script])
-    wanted = 4 if with_training_worker else 2
-    deadline = time.monotonic() + 10
-    while len(_named(root.pid)) < wanted and time.monotonic() < deadline:
+    # Each by its title: a subshell is "bash" until its exec.
+    wanted = {"ray::IDLE", "raylet"} | ({"ray::RayTrainWorker", "sleep"} if with_training_worker
+                                        else set())  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not wanted <= set(_named(root.pid)):
+        if time.monotonic() > deadline:
+            _end(root)
+            raise AssertionError(f"the tree never showed {wanted}: {_named(root.pid)}")
         time.sleep(0.05)
     return root
 

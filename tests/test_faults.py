@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from tests.test_train_cli import (
     checkpoint_dirs,
     final_checkpoint,
     runs_of,
+    settled,
     start_train,
     train_cli,
     wait_for,
@@ -43,7 +43,7 @@ def test_killed_driver_resumes_past_a_corrupt_checkpoint_as_if_never_stopped(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    time.sleep(2)  # let a checkpoint copy that was under way when the driver died settle
+    settled(run_dir)  # a checkpoint copy under way when the driver died ends (or stops)
     # The newest whole checkpoint is cut short: the resume must pass over it, say so, and use
     # the one before (Ray's own record of the newest may lag the folders on disk).
     steps = {}

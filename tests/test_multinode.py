@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_fixtures import VENV_BIN, free_port, stop_cluster
-from tests.test_storage_faults import _objects
+from tests.test_storage_faults import _moto
 from tests.test_train_cli import REPO, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
@@ -102,8 +102,10 @@ def _alive_node_ids(head, resource: str) -> list[str]:
 
 
 def _checkpoints(s3_server, bucket: str, prefix: str) -> set[str]:
+    # The keys alone (a listing, not a download of every object): polled while the run goes on.
+    pages = _moto(s3_server).get_paginator("list_objects_v2").paginate(Bucket=bucket)
     names = set()
-    for key in _objects(s3_server, bucket):
+    for key in (o["Key"] for page in pages for o in page.get("Contents", [])):
         match = re.match(rf"{re.escape(prefix)}(checkpoint_[^/]+)/checkpoint\.pt$", key)
         if match:
             names.add(match.group(1))

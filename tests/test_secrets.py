@@ -6,6 +6,7 @@ commands' output."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,9 +35,22 @@ def _run(module: str, args: list[str], env: dict) -> subprocess.CompletedProcess
 
 
 def _files(root: Path):
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            yield path
+    # os.walk, not rglob: a folder removed while it is walked is skipped, not an error.
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` and its bytes; a file that a live process (Ray, the MLflow
+    server's database journal) replaces or removes between the listing and the read is left out."""
+    found = {}
+    for path in _files(root):
+        with contextlib.suppress(FileNotFoundError):
+            found[str(path)] = path.read_bytes()
+    return found
 
 
 def test_credentials_reach_no_file_param_output_or_ray_session(
@@ -81,11 +95,11 @@ def test_credentials_reach_no_file_param_output_or_ray_session(
 
     # What was written: the home (MLflow is a server here), the evaluation report, the MLflow
     # server's store and artifacts (under tmp_path/server), the bucket, and Ray's temp folder.
-    written = {str(p): p.read_bytes() for p in _files(tmp_path)}
+    written = _contents(tmp_path)
     written.update({f"{bucket}/{k}": v for k, v in _objects(s3_server, bucket).items()})
     assert any("/server/artifacts/" in k for k in written), "no MLflow artifacts were written"
     assert any(k.startswith(f"{bucket}/runs/secret-run/checkpoint_") for k in written)
-    ray_files = {str(p): p.read_bytes() for p in _files(Path(ray_head.temp))}
+    ray_files = _contents(Path(ray_head.temp))
     assert any("runtime_env" in k or "raylet" in k for k in ray_files), "no Ray session found"
     written.update(ray_files)
     for canary in (AWS_CANARY, PASSWORD_CANARY):

@@ -186,23 +186,26 @@ def calibrated_work(seconds: float = 0.02):
 
 def train(sink, proxy: BlackHoleProxy, phases: list[tuple[str, float, bool]]):
     """Simulated training through ``phases`` of (name, seconds, server hangs); returns the
-    steps per second of each phase and the last step."""
+    steps per second of each phase, the longest a single logging call took in each, and the
+    last step."""
     work = calibrated_work()
     image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
-    rates, step = {}, 0
+    rates, slowest, step = {}, {}, 0
     for name, seconds, hanging in phases:
         proxy.hang() if hanging else proxy.forward()
         start = time.perf_counter()
-        first = step
+        first, slowest[name] = step, 0.0
         while time.perf_counter() - start < seconds:
             work()
             step += 1
+            called = time.perf_counter()
             sink.log_metrics({"loss": step * 0.5, "lr": 1e-3, "epoch": step / 100}, step)
             if step % IMAGE_EVERY == 0:
                 sink.log_image(image, "samples", step)
+            slowest[name] = max(slowest[name], time.perf_counter() - called)
         rates[name] = (step - first) / (time.perf_counter() - start)
     proxy.forward()
-    return rates, step
+    return rates, slowest, step
 
 
 def reported_lost(stderr: str, what: str, how: str = "could not be written") -> set[int]:
@@ -228,15 +231,21 @@ def run_with_hang(mlflow_uri, proxy, capsys, **queue) -> tuple[set[int], set[int
     run_id = client.create_run(exp_id).info.run_id
 
     sink = MlflowSink(proxy.endpoint, run_id, **queue)
-    rates, last = train(sink, proxy, [("normal", 3.0, False), ("hang", 5.0, True),
-                                      ("recovered", 3.0, False)])  # fmt: skip
+    rates, slowest, last = train(sink, proxy, [("normal", 3.0, False), ("hang", 5.0, True),
+                                               ("recovered", 3.0, False)])  # fmt: skip
     closing = time.perf_counter()
     sink.close()
     close_s = time.perf_counter() - closing
     stderr = capsys.readouterr().err
-    print(f"rates (steps/s) {rates}; close took {close_s:.1f} s; {last} steps\n{stderr}")
+    print(f"rates (steps/s) {rates}; slowest logging call (s) {slowest}; close took "
+          f"{close_s:.1f} s; {last} steps\n{stderr}")  # fmt: skip
 
-    assert rates["hang"] >= 0.9 * rates["normal"], rates
+    # No logging call waits on the hung server: one that did would wait for the request
+    # timeout (MLFLOW_HTTP_REQUEST_TIMEOUT, 10 s) or the rest of the 5-s hang. The bound leaves
+    # room for a loaded machine's scheduling; the rate, measured in wall time beside other
+    # processes, is only checked for a gross slowdown.
+    assert slowest["hang"] < 2.0, slowest
+    assert rates["hang"] >= 0.5 * rates["normal"], rates
     failures = stderr.count("training goes on")
     assert failures >= 1 and stderr.count("MLflow reachable again") == failures, stderr
 

@@ -59,9 +59,31 @@ def final_checkpoint(home, name):
     for folder in folders:
         try:
             states.append(load_checkpoint(folder / "checkpoint.pt"))
-        except ValueError:  # a checkpoint a test corrupted on purpose
+        except (ValueError, FileNotFoundError):  # corrupted on purpose, or cut short by a kill
             continue
+    assert states, f"no loadable checkpoint for {name} in {folders}"
     return max(states, key=lambda s: s["step"])
+
+
+def settled(folder: Path, quiet_s: float = 2.0, seconds: float = 120) -> None:
+    """Wait until nothing under ``folder`` has changed (names, sizes) for ``quiet_s``: the
+    processes of a killed run may still be writing a checkpoint for a while."""
+
+    def snapshot():
+        return {(str(p), p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+    deadline, last, since = time.monotonic() + seconds, None, time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            now = snapshot()
+        except FileNotFoundError:  # a file went away between the listing and the look
+            now = None
+        if now is None or now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{folder} was still changing after {seconds} s")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +204,7 @@ def test_the_run_in_mlflows_ui(e2e_run):
     registered models. A failure leaves failure.png and failure.html in the test's folder."""
     from PIL import Image
 
-    from tests.browser import body_text, chromium, wait_until
+    from tests.browser import act_when, body_text, chromium, wait_until
     from tests.conftest import running_mlflow_server
 
     home, res = e2e_run
@@ -203,17 +225,18 @@ def test_the_run_in_mlflows_ui(e2e_run):
         # The loss curves.
         base, _, query = page.partition("?")
         driver.get(f"{uri}{base}/model-metrics?{query}")
-        search = wait_until(driver, lambda d: d.find_elements(
-            "css selector", "input[placeholder*='Search metric charts']"), 60, "the charts")  # fmt: skip
-        search[0].send_keys("loss/")  # the loss section alone (sections render when in view)
+        # The loss section alone (sections render when in view).
+        act_when(driver, lambda d: d.find_elements(
+            "css selector", "input[placeholder*='Search metric charts']"),
+            lambda search: search.send_keys("loss/"), 60, "the charts")  # fmt: skip
         wait_until(driver, lambda d: all(k in body_text(d) for k in ("G_A", "D_B", "cycle_A")),
                    60, "the loss charts")  # fmt: skip
         charts = driver.find_elements("css selector", ".js-plotly-plot, svg.main-svg")
         assert charts, "no chart drawn"
         # The sample grid, at two different steps, shown as images.
         driver.get(f"{uri}{base}/artifacts?{query}")
-        wait_until(driver, lambda d: d.find_elements("xpath", "//*[text()='images']"), 60,
-                   "the artifact tree")[0].click()  # fmt: skip
+        act_when(driver, lambda d: d.find_elements("xpath", "//*[text()='images']"),
+                 lambda tree: tree.click(), 60, "the artifact tree")  # fmt: skip
 
         def sample_steps(d) -> list[int]:
             found = sorted({int(m) for m in re.findall(r"samples\+step\+(\d+)\+", body_text(d))})
@@ -221,10 +244,10 @@ def test_the_run_in_mlflows_ui(e2e_run):
 
         steps = wait_until(driver, sample_steps, 30, "samples at two steps in the artifact tree")
         for step in steps[:2]:
-            name = wait_until(driver, lambda d, s=step: [
+            act_when(driver, lambda d, s=step: [
                 e for e in d.find_elements("xpath", f"//*[contains(text(), 'samples+step+{s}+')]")
-                if e.text.endswith(".png")], 30, f"the step {step} sample")  # fmt: skip
-            name[0].click()
+                if e.text.endswith(".png")], lambda name: name.click(), 30,
+                f"the step {step} sample")  # fmt: skip
             width = wait_until(driver, lambda d: max([d.execute_script(
                 "return arguments[0].naturalWidth", i) for i in d.find_elements(
                 "css selector", "img[src^='blob:']")] or [0]), 30, f"the step {step} image")  # fmt: skip
